@@ -1,0 +1,45 @@
+"""The interface every model kind implements: the worker's only view of the GPU.
+
+A model serves one or more pipelines. ``predict`` is blocking and runs on the
+worker's single inference thread (the "slot"); the event loop stays free for
+NATS heartbeats, downloads and result posts while it runs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+from PIL import Image
+
+from antenna_flows.schemas import PipelineProcessingTask, PipelineResultsResponse
+
+
+@dataclass(slots=True)
+class ImageInput:
+    """A decoded image (RGB) and the task it came from."""
+
+    task: PipelineProcessingTask
+    image: Image.Image
+
+
+class UnknownPipeline(LookupError):
+    """The model kind does not know this pipeline slug."""
+
+
+class Model(Protocol):
+    kind: str
+
+    def pipelines(self) -> list[str]:
+        """Slugs this model can serve."""
+        ...
+
+    def load(self, pipeline: str) -> None:
+        """Make ``pipeline`` ready (weights in memory); idempotent. Raises UnknownPipeline."""
+        ...
+
+    def predict(self, pipeline: str, images: list[ImageInput]) -> list[PipelineResultsResponse]:
+        """One result per input image, in order. Blocking; called on the inference thread."""
+        ...
+
+    def close(self) -> None: ...

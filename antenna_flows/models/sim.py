@@ -1,0 +1,84 @@
+"""A timed stand-in for the GPU, so scheduling is measured apart from compute.
+
+It holds the inference slot for ``seconds_per_batch + n * seconds_per_image``
+(calibrated from a real GPU) and returns schema-valid results with one
+detection per image, so the API, accounting and benchmarks see real traffic.
+"""
+
+from __future__ import annotations
+
+import time
+
+from antenna_flows.models.base import ImageInput, UnknownPipeline
+from antenna_flows.models.registry import pipeline_slugs
+from antenna_flows.schemas import (
+    AlgorithmReference,
+    BoundingBox,
+    ClassificationResponse,
+    DetectionResponse,
+    PipelineResultsResponse,
+    SourceImageResponse,
+    utcnow,
+)
+
+SIM_DETECTOR = AlgorithmReference(name="Simulated detector", key="sim-detector")
+SIM_CLASSIFIER = AlgorithmReference(name="Simulated classifier", key="sim-classifier")
+
+
+class SimModel:
+    kind = "sim"
+
+    def __init__(self, seconds_per_image: float = 0.05, seconds_per_batch: float = 0.02):
+        self.seconds_per_image = seconds_per_image
+        self.seconds_per_batch = seconds_per_batch
+
+    def pipelines(self) -> list[str]:
+        return pipeline_slugs()
+
+    def load(self, pipeline: str) -> None:
+        if pipeline not in self.pipelines():
+            raise UnknownPipeline(pipeline)
+
+    def predict(self, pipeline: str, images: list[ImageInput]) -> list[PipelineResultsResponse]:
+        self.load(pipeline)
+        start = time.perf_counter()
+        time.sleep(self.seconds_per_batch + len(images) * self.seconds_per_image)
+        elapsed = time.perf_counter() - start
+        per_image = elapsed / max(1, len(images))
+        now = utcnow()
+        results = []
+        for item in images:
+            w, h = item.image.size
+            bbox = BoundingBox(x1=w * 0.25, y1=h * 0.25, x2=w * 0.5, y2=h * 0.5)
+            detection = DetectionResponse(
+                source_image_id=item.task.image_id,
+                bbox=bbox,
+                inference_time=per_image,
+                algorithm=SIM_DETECTOR,
+                timestamp=now,
+                classifications=[
+                    ClassificationResponse(
+                        classification="Simulated moth",
+                        labels=None,
+                        scores=[0.9],
+                        logits=[2.2],
+                        inference_time=per_image,
+                        algorithm=SIM_CLASSIFIER,
+                        terminal=True,
+                        timestamp=now,
+                    )
+                ],
+            )
+            results.append(
+                PipelineResultsResponse(
+                    pipeline=pipeline,
+                    algorithms={},
+                    total_time=per_image,
+                    source_images=[SourceImageResponse(id=item.task.image_id, url=item.task.image_url)],
+                    detections=[detection],
+                )
+            )
+        return results
+
+    def close(self) -> None:
+        pass

@@ -1,0 +1,155 @@
+"""Every knob of antenna-flows, read from the environment (``AMI_`` prefix) and ``.env``.
+
+Three groups, one per process kind, so each command's ``--help`` lists exactly
+what it reads:
+
+- :class:`QueueSettings`: Antenna's NATS settings (``NATS_TASK_TTR`` and friends),
+  used by whatever creates job streams (the local API, the bench).
+- :class:`ApiSettings`: the local Antenna-compatible API.
+- :class:`WorkerSettings`: one worker process (one GPU).
+
+Defaults are what a single-machine deployment wants; Antenna's own defaults
+are noted where they differ.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+ENV_PREFIX = "AMI_"
+DEFAULT_TOKEN = "antenna-dev-token"
+DEFAULT_API_URL = "http://127.0.0.1:8000/api/v2"
+
+
+def _config() -> SettingsConfigDict:
+    return SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_file=".env",
+        env_file_encoding="utf-8",
+        extra="ignore",
+        validate_default=True,
+    )
+
+
+def _split_csv(value: Any) -> Any:
+    """Accept ``a,b`` as well as a JSON list for list-valued env vars."""
+    if isinstance(value, str):
+        value = value.strip()
+        if value.startswith("["):
+            import json
+
+            return json.loads(value)
+        return [part.strip() for part in value.split(",") if part.strip()]
+    return value
+
+
+class QueueSettings(BaseSettings):
+    """Antenna's JetStream settings for job streams (names as in Antenna's settings)."""
+
+    model_config = _config()
+
+    nats_url: str | None = Field(
+        None,
+        description="NATS server URL (nats://host:port). Unset: commands that need one start an embedded nats-server.",
+    )
+    nats_task_ttr: float = Field(
+        300.0, gt=0, description="Consumer ack_wait in seconds (Antenna's NATS_TASK_TTR; 300 in its settings)."
+    )
+    nats_max_deliver: int = Field(5, ge=1, description="Consumer max_deliver (Antenna's NATS_MAX_DELIVER; 5 in production).")
+    nats_max_ack_pending: int = Field(
+        1000, ge=1, description="Consumer max_ack_pending (Antenna's NATS_MAX_ACK_PENDING)."
+    )
+    nats_store_dir: Path | None = Field(
+        None, description="JetStream store directory for an embedded nats-server (default: a temporary directory)."
+    )
+
+
+class ApiSettings(BaseSettings):
+    """The local Antenna-compatible API (a stand-in for Antenna's job plane)."""
+
+    model_config = _config()
+
+    api_host: str = Field("127.0.0.1", description="Interface the local API binds to.")
+    api_port: int = Field(8000, ge=0, le=65535, description="Port of the local API (0: any free port).")
+    api_token: str = Field(DEFAULT_TOKEN, description="The one token the local API accepts (Authorization: Token ...).")
+    api_db_path: Path | None = Field(None, description="SQLite file for jobs and results (default: in the data dir).")
+    data_dir: Path = Field(Path("var"), description="Where the local stack keeps its database, images and NATS store.")
+    api_max_body_bytes: int = Field(
+        32 * 1024 * 1024, ge=1024, description="Largest request body the local API accepts (413 above)."
+    )
+
+
+class WorkerSettings(BaseSettings):
+    """One fair worker: which Antenna, which NATS, which pipelines, and its limits."""
+
+    model_config = _config()
+
+    antenna_api_url: str = Field(DEFAULT_API_URL, description="Base URL of Antenna's API (ending in /api/v2).")
+    antenna_api_token: str = Field(DEFAULT_TOKEN, description="Antenna API token (sent as 'Authorization: Token ...').")
+    nats_url: str = Field("nats://127.0.0.1:4222", description="NATS server the job streams live on.")
+    pipelines: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Pipeline slugs this worker serves, comma separated (empty: every pipeline the model kind knows).",
+    )
+    worker_name: str = Field(
+        default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}",
+        description="Name in logs, artifacts and client_info.",
+    )
+    model_kind: Literal["ami", "sim"] = Field("ami", description="'ami': the torch pipeline; 'sim': a timed stand-in.")
+    device: str = Field("auto", description="Torch device: auto, cpu, cuda, cuda:N.")
+    weights_dir: Path = Field(
+        Path("~/.cache/antenna-flows/weights"), description="Where model weights and label maps live (downloaded once)."
+    )
+    allow_weight_download: bool = Field(
+        False, description="Download missing weights from their published URLs (off: a missing file is an error)."
+    )
+    sim_seconds_per_image: float = Field(0.05, ge=0, description="sim model: slot seconds per image.")
+    sim_seconds_per_batch: float = Field(0.02, ge=0, description="sim model: fixed slot seconds per batch.")
+
+    max_batch_size: int = Field(8, ge=1, description="Largest GPU batch (images from any jobs of one pipeline).")
+    reserve_fraction: float = Field(
+        0.5,
+        gt=0,
+        le=1,
+        description="Reserved-but-not-started tasks are capped to what the slot starts within this fraction of ack_wait.",
+    )
+    in_progress_fraction: float = Field(
+        1 / 3, gt=0, lt=1, description="Send +WPI to every held task each ack_wait times this fraction."
+    )
+    discovery_interval_s: float = Field(1.0, gt=0, description="Seconds between job polls (advisories wake it sooner).")
+    idle_forget_s: float = Field(
+        20.0, gt=0, description="Forget a job after this long with nothing available and nothing in flight."
+    )
+    session_max_s: float = Field(
+        600.0, gt=0, description="Longest inference session (one Prefect subflow run) before a new one starts."
+    )
+    session_idle_s: float = Field(5.0, gt=0, description="End an inference session after this long with no work.")
+    max_runtime_s: float | None = Field(None, gt=0, description="Stop gracefully after this many seconds (unset: run until signalled).")
+    post_retries: int = Field(4, ge=0, description="Retries of a result POST before its tasks are released (nak).")
+    post_retry_delay_s: float = Field(0.5, gt=0, description="First retry delay of a result POST; doubles each retry, jittered.")
+    release_delay_s: float = Field(
+        2.0, ge=0, description="Base nak delay when releasing tasks; jittered up to 2x so a fleet does not re-reserve in lock-step."
+    )
+    http_timeout_s: float = Field(30.0, gt=0, description="Timeout of one API request.")
+    image_timeout_s: float = Field(30.0, gt=0, description="Timeout of one image download.")
+    image_max_bytes: int = Field(64 * 1024 * 1024, ge=1024, description="Largest image accepted (bytes).")
+    image_max_pixels: int = Field(80_000_000, ge=1, description="Largest image accepted (pixels), a guard against decompression bombs.")
+    download_concurrency: int = Field(16, ge=1, description="Image downloads in flight at once.")
+    metrics_file: Path | None = Field(None, description="Append one JSON line per batch here (used by the bench).")
+    ready_file: Path | None = Field(None, description="Touch this file once the worker is polling (used by the bench).")
+
+    @field_validator("pipelines", mode="before")
+    @classmethod
+    def _pipelines_csv(cls, value: Any) -> Any:
+        return _split_csv(value)
+
+    @field_validator("weights_dir", mode="after")
+    @classmethod
+    def _expand(cls, value: Path) -> Path:
+        return value.expanduser()
