@@ -146,26 +146,28 @@ class ConsumerStats:
 
 @dataclass
 class Reservation:
-    """A task reserved by this process: the message, its parsed body and when we got it."""
+    """A task reserved by this process: its parsed body, its ack subject and when we got it.
+
+    ``msg`` is the NATS message when reserved straight from JetStream (it can then
+    be acked, nak'ed and kept alive with +WPI); tasks reserved through Antenna's
+    REST endpoint only carry the reply subject.
+    """
 
     job_id: int
-    msg: Msg
     task: PipelineProcessingTask | None
     parse_error: str | None
+    reply_subject: str
+    msg: Msg | None = None
     reserved_at: float = field(default_factory=time.monotonic)
 
     @property
-    def reply_subject(self) -> str:
-        return self.msg.reply
-
-    @property
     def num_delivered(self) -> int:
-        info = parse_ack_subject(self.msg.reply or "")
+        info = parse_ack_subject(self.reply_subject or "")
         return info.num_delivered if info else 1
 
     @property
     def stream_seq(self) -> int | None:
-        info = parse_ack_subject(self.msg.reply or "")
+        info = parse_ack_subject(self.reply_subject or "")
         return info.stream_seq if info else None
 
     @property
@@ -209,7 +211,6 @@ class JobQueue:
         self.config = config or QueueConfig()
         self._inboxes: dict[int, Any] = {}
         self._locks: dict[int, asyncio.Lock] = {}
-        self._psubs: dict[int, Any] = {}
 
     @classmethod
     async def connect(cls, url: str, config: QueueConfig | None = None, name: str = "antenna-flows") -> "JobQueue":
@@ -367,16 +368,14 @@ class JobQueue:
         return seqs
 
     async def fetch(self, job_id: int, batch_size: int, timeout: float = 0.5) -> list[Msg]:
-        """What Antenna's ``/tasks`` endpoint does: one JetStream fetch, ``timeout`` long."""
-        psub = self._psubs.get(job_id)
-        if psub is None:
-            try:
-                psub = await self.js.pull_subscribe_bind(
-                    durable=consumer_name(job_id), stream=stream_name(job_id), inbox_prefix=self.nc.new_inbox().encode() + b"."
-                )
-            except NotFoundError as exc:
-                raise StreamGone(job_id) from exc
-            self._psubs[job_id] = psub
+        """What Antenna's ``/tasks`` endpoint does: one JetStream fetch, ``timeout`` long.
+
+        A pull subscription of its own per call, as Antenna's ``reserve_tasks``: two
+        concurrent requests for one job must not take each other's messages, and a
+        message arriving after the fetch gave up must not wait in a shared inbox for
+        the next request (without a subscriber it is simply redelivered after ack_wait).
+        """
+        psub = await self.js.pull_subscribe_bind(durable=consumer_name(job_id), stream=stream_name(job_id))
         try:
             return await psub.fetch(batch_size, timeout=timeout)
         except asyncio.TimeoutError:
@@ -387,6 +386,8 @@ class JobQueue:
                 await self._forget(job_id)
                 raise StreamGone(job_id) from exc
             raise
+        finally:
+            await psub.unsubscribe()
 
     async def ack(self, reply_subject: str) -> None:
         """Antenna's ack: publish ``+ACK`` to the reply subject, then flush."""
@@ -463,7 +464,6 @@ class JobQueue:
 
     async def _forget(self, job_id: int) -> None:
         sub = self._inboxes.pop(job_id, None)
-        self._psubs.pop(job_id, None)
         self._locks.pop(job_id, None)
         if sub is not None:
             try:
@@ -493,4 +493,4 @@ def _status(msg: Msg) -> str | None:
 
 def _reservation(job_id: int, msg: Msg) -> Reservation:
     task, error = parse_task(msg.data)
-    return Reservation(job_id=job_id, msg=msg, task=task, parse_error=error)
+    return Reservation(job_id=job_id, task=task, parse_error=error, reply_subject=msg.reply, msg=msg)

@@ -113,6 +113,16 @@ class WorkerSettings(BaseSettings):
     sim_seconds_per_batch: float = Field(0.02, ge=0, description="sim model: fixed slot seconds per batch.")
 
     max_batch_size: int = Field(8, ge=1, description="Largest GPU batch (images from any jobs of one pipeline).")
+    prefetch_batches: int = Field(
+        1, ge=1, description="Batches reserved and decoded ahead of the slot (within the reservation cap)."
+    )
+    initial_seconds_per_image: float = Field(
+        1.0, gt=0, description="Slot seconds per image assumed until the first batch is measured."
+    )
+    ack_on_accept: bool = Field(
+        True,
+        description="Ack a task once Antenna accepts its result (Antenna acks again after saving; both are idempotent).",
+    )
     reserve_fraction: float = Field(
         0.5,
         gt=0,
@@ -153,3 +163,14 @@ class WorkerSettings(BaseSettings):
     @classmethod
     def _expand(cls, value: Path) -> Path:
         return value.expanduser()
+
+
+class DrainSettings(BaseSettings):
+    """The upstream worker's knobs, for the ``drain`` baseline (``--strategy drain``)."""
+
+    model_config = SettingsConfigDict(env_prefix=f"{ENV_PREFIX}DRAIN_", env_file=".env", extra="ignore")
+
+    batch_size: int = Field(24, ge=1, description="Tasks per POST /tasks/ (upstream antenna_api_batch_size).")
+    loaders: int = Field(4, ge=1, description="DataLoader subprocesses reserving in parallel (upstream num_workers).")
+    prefetch: int = Field(4, ge=1, description="Batches each loader holds ahead of the GPU (prefetch_factor).")
+    idle_sleep_s: float = Field(5.0, ge=0, description="Sleep when no job is found (upstream SLEEP_TIME_SECONDS).")

@@ -39,6 +39,10 @@ class SimModel:
         if pipeline not in self.pipelines():
             raise UnknownPipeline(pipeline)
 
+    def expected_seconds_per_image(self, pipeline: str, batch_size: int) -> float:
+        """The sim is calibrated, so the scheduler can start from the truth."""
+        return self.seconds_per_image + self.seconds_per_batch / max(1, batch_size)
+
     def predict(self, pipeline: str, images: list[ImageInput]) -> list[PipelineResultsResponse]:
         self.load(pipeline)
         start = time.perf_counter()

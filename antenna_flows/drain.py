@@ -1,0 +1,209 @@
+"""The upstream worker's consumption pattern, re-created faithfully to measure against.
+
+What ``ami worker`` (RolnickLab/ami-data-companion, ``trapdata/antenna/worker.py``
+and ``datasets.py``) does, per the contract's last section:
+
+1. ``GET /jobs/?ids_only=1&incomplete_only=1...`` without a limit: Antenna
+   answers one random incomplete job; none -> sleep 5 s and poll again.
+2. Drain that job: ``loaders`` DataLoader subprocesses each loop
+   ``POST /jobs/{id}/tasks/ {batch_size}`` -> download the batch's images ->
+   hand the batch over, holding up to ``prefetch`` batches ahead of the GPU,
+   until the job answers no tasks.
+3. The GPU process runs the batches serially; results are posted by 2
+   threads (at most 5 posts pending), never retried; Antenna acks them.
+
+Nothing here extends (+WPI), releases or interleaves: that is the point. The
+same model, image loader and metrics as the fair worker keep the comparison
+about scheduling alone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+from antenna_flows.accounting import Ledger
+from antenna_flows.antenna_client import AntennaClient, AuthError
+from antenna_flows.imageloader import ImageError, ImageLoader
+from antenna_flows.jobqueue import parse_ack_subject
+from antenna_flows.models.base import ImageInput, Model
+from antenna_flows.schemas import PipelineProcessingTask, PipelineResultsError, TaskResult
+from antenna_flows.settings import DrainSettings, WorkerSettings
+
+log = logging.getLogger(__name__)
+
+RESULT_POSTERS = 2  # upstream: 2 posting threads
+MAX_PENDING_POSTS = 5  # upstream: at most 5 pending posts
+
+
+@dataclass
+class LoadedBatch:
+    job_id: int
+    tasks: list[PipelineProcessingTask]
+    images: list[Any]  # PIL image or ImageError
+    reserved_at: float
+    loader: int
+
+
+class DrainWorker:
+    def __init__(self, settings: WorkerSettings, model: Model, config: DrainSettings | None = None):
+        self.settings = settings
+        self.name = settings.worker_name
+        self.model = model
+        self.config = config or DrainSettings()
+        self.served = sorted(settings.pipelines or model.pipelines())
+        self.ledger = Ledger(worker=self.name)
+        self._stop = asyncio.Event()
+        self._slot = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"slot-{self.name}")
+        self._metrics = open(settings.metrics_file, "a", buffering=1) if settings.metrics_file else None  # noqa: SIM115
+        self._post_sem = asyncio.Semaphore(MAX_PENDING_POSTS)
+        self._posters = asyncio.Semaphore(RESULT_POSTERS)
+        self._posts: set[asyncio.Task[Any]] = set()
+
+    def stop(self, reason: str = "requested") -> None:
+        log.info("drain worker %s: stopping (%s)", self.name, reason)
+        self._stop.set()
+
+    async def run(self) -> dict[str, Any]:
+        s = self.settings
+        self.client = AntennaClient(s.antenna_api_url, s.antenna_api_token, timeout_s=s.http_timeout_s, worker_name=self.name)
+        self.loader = ImageLoader(timeout_s=s.image_timeout_s, max_bytes=s.image_max_bytes, max_pixels=s.image_max_pixels,
+                                  concurrency=8)
+        stopper = asyncio.create_task(self._stop_after(s.max_runtime_s)) if s.max_runtime_s else None
+        first_poll = True
+        try:
+            while not self._stop.is_set():
+                try:
+                    jobs = await self.client.list_jobs(self.served, limit=None)
+                except AuthError:
+                    raise
+                except Exception as exc:  # noqa: BLE001 - upstream logs and sleeps
+                    log.error("drain worker %s: job poll failed: %s", self.name, exc)
+                    jobs = []
+                if first_poll and s.ready_file:
+                    s.ready_file.touch()
+                    first_poll = False
+                any_work = False
+                for job in jobs:
+                    if job.pipeline_slug not in self.served:
+                        continue
+                    log.info("drain worker %s: processing job %s (%s)", self.name, job.id, job.pipeline_slug)
+                    any_work = await self._process_job(job.id, job.pipeline_slug) or any_work
+                if not any_work:
+                    await self._sleep(self.config.idle_sleep_s)
+        finally:
+            if stopper:
+                stopper.cancel()
+            await asyncio.gather(*self._posts, return_exceptions=True)
+            await self.client.aclose()
+            await self.loader.aclose()
+            self._slot.shutdown(wait=False, cancel_futures=True)
+            if self._metrics:
+                self._metrics.close()
+        return self.ledger.totals()
+
+    async def _sleep(self, seconds: float) -> None:
+        try:
+            await asyncio.wait_for(self._stop.wait(), timeout=seconds)
+        except asyncio.TimeoutError:
+            pass
+
+    async def _stop_after(self, seconds: float) -> None:
+        await asyncio.sleep(seconds)
+        self.stop(f"max_runtime_s={seconds:g} reached")
+
+    async def _process_job(self, job_id: int, pipeline: str) -> bool:
+        """The DataLoader drain: loaders reserve and download ahead; the GPU runs batches serially."""
+        ready: asyncio.Queue[LoadedBatch | None] = asyncio.Queue()
+        room = [asyncio.Semaphore(self.config.prefetch) for _ in range(self.config.loaders)]
+        loaders = [asyncio.create_task(self._loader(job_id, i, ready, room[i])) for i in range(self.config.loaders)]
+        finished = 0
+        did_work = False
+        await asyncio.get_running_loop().run_in_executor(self._slot, self.model.load, pipeline)
+        while finished < len(loaders):
+            batch = await ready.get()
+            if batch is None:
+                finished += 1
+                continue
+            room[batch.loader].release()
+            did_work = True
+            await self._run_batch(pipeline, batch)
+        return did_work
+
+    async def _loader(self, job_id: int, index: int, ready: asyncio.Queue[LoadedBatch | None], room: asyncio.Semaphore) -> None:
+        try:
+            while not self._stop.is_set():
+                await room.acquire()
+                try:
+                    tasks = await self.client.reserve_tasks(job_id, self.config.batch_size)
+                except Exception as exc:  # noqa: BLE001 - upstream: fetch failed -> this loader stops
+                    log.error("drain worker %s loader %d: fetch failed (%s), stopping", self.name, index, exc)
+                    break
+                if not tasks:
+                    break
+                reserved_at = time.monotonic()
+                self.ledger.reserved(job_id, len(tasks), sum(1 for t in tasks if _delivery(t) > 1))
+                images = await asyncio.gather(*(self._load(t) for t in tasks))
+                await ready.put(LoadedBatch(job_id, tasks, list(images), reserved_at, index))
+        finally:
+            await ready.put(None)
+
+    async def _load(self, task: PipelineProcessingTask) -> Any:
+        try:
+            return await self.loader.load(task.image_url)
+        except ImageError as exc:
+            return exc
+
+    async def _run_batch(self, pipeline: str, batch: LoadedBatch) -> None:
+        loop = asyncio.get_running_loop()
+        ok = [(t, img) for t, img in zip(batch.tasks, batch.images) if not isinstance(img, Exception)]
+        failed = [(t, img) for t, img in zip(batch.tasks, batch.images) if isinstance(img, Exception)]
+        started = time.monotonic()
+        wall_start = time.time()
+        results: list[TaskResult] = []
+        if ok:
+            try:
+                outputs = await loop.run_in_executor(
+                    self._slot, self.model.predict, pipeline, [ImageInput(t, img) for t, img in ok]
+                )
+                results += [TaskResult(reply_subject=t.reply_subject or "", result=o) for (t, _), o in zip(ok, outputs)]
+            except Exception as exc:  # noqa: BLE001 - upstream: the whole batch gets error results
+                log.error("drain worker %s: batch failed: %s", self.name, exc)
+                results += [TaskResult(reply_subject=t.reply_subject or "",
+                                       result=PipelineResultsError(error=str(exc), image_id=t.image_id)) for t, _ in ok]
+        seconds = time.monotonic() - started
+        results += [TaskResult(reply_subject=t.reply_subject or "",
+                               result=PipelineResultsError(error=str(e), image_id=t.image_id)) for t, e in failed]
+        idle = started - batch.reserved_at
+        self.ledger.batch({batch.job_id: seconds}, {batch.job_id: len(batch.tasks)}, {batch.job_id: idle})
+        if self._metrics:
+            self._metrics.write(json.dumps({
+                "worker": self.name, "pipeline": pipeline, "t_start": wall_start, "t_end": time.time(),
+                "slot_s": round(seconds, 6), "n": len(batch.tasks), "jobs": {str(batch.job_id): len(batch.tasks)},
+                "max_reserved_idle_s": round(idle, 6),
+            }) + "\n")
+        await self._post_sem.acquire()
+        task = asyncio.create_task(self._post(batch.job_id, results, len(ok), len(failed)))
+        self._posts.add(task)
+        task.add_done_callback(self._posts.discard)
+
+    async def _post(self, job_id: int, results: list[TaskResult], ok: int, errors: int) -> None:
+        try:
+            async with self._posters:
+                await self.client.post_results(job_id, results)
+            self.ledger.posted(job_id, ok, errors)
+        except Exception as exc:  # noqa: BLE001 - upstream: POSTs are never retried
+            log.error("drain worker %s: posting %d results for job %s failed: %s", self.name, len(results), job_id, exc)
+        finally:
+            self._post_sem.release()
+
+
+def _delivery(task: PipelineProcessingTask) -> int:
+    info = parse_ack_subject(task.reply_subject or "")
+    return info.num_delivered if info else 1
+

@@ -1,0 +1,141 @@
+"""How a worker reaches a job's tasks: straight from NATS JetStream, or through Antenna's REST API.
+
+The worker talks to a :class:`Transport` and never to NATS directly, so a
+deployment whose workers cannot reach NATS swaps in :class:`RestTransport`
+and keeps the same scheduler, batching and accounting.
+
+- :class:`NatsTransport` binds to Antenna's durable consumers and reserves with
+  ``no_wait`` pulls. It can keep a task alive past ``ack_wait`` (+WPI), hand it
+  back (nak with delay) and ack it itself.
+- :class:`RestTransport` reserves through ``POST /jobs/{id}/tasks/`` (Antenna
+  fetches for us and acks when our result is saved). It cannot extend or
+  release a reservation, so the worker keeps its reservations within the
+  window by budget alone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Awaitable, Callable, Protocol
+
+from antenna_flows.antenna_client import AntennaClient, Rejected
+from antenna_flows.jobqueue import JobQueue, QueueConfig, Reservation, StreamGone
+
+log = logging.getLogger(__name__)
+
+
+class Transport(Protocol):
+    name: str
+    can_extend: bool  # +WPI and nak are available
+
+    async def reserve(self, job_id: int, n: int) -> list[Reservation]:
+        """Up to ``n`` tasks available now; ``[]`` if none; raises StreamGone if the job's queue vanished."""
+        ...
+
+    async def ack(self, r: Reservation) -> None: ...
+
+    async def nak(self, r: Reservation, delay_s: float) -> None: ...
+
+    async def in_progress(self, r: Reservation) -> None: ...
+
+    async def ack_wait(self, job_id: int) -> float:
+        """The job's ack_wait in seconds; raises StreamGone if the job has no queue (yet)."""
+        ...
+
+    async def watch_new_jobs(self, callback: Callable[[int], Awaitable[None] | None]) -> None: ...
+
+    async def forget(self, job_id: int) -> None: ...
+
+    async def close(self) -> None: ...
+
+
+class NatsTransport:
+    name = "nats"
+    can_extend = True
+
+    def __init__(self, queue: JobQueue):
+        self.queue = queue
+
+    @classmethod
+    async def connect(cls, url: str, name: str) -> "NatsTransport":
+        return cls(await JobQueue.connect(url, QueueConfig(), name=name))
+
+    async def reserve(self, job_id: int, n: int) -> list[Reservation]:
+        return await self.queue.reserve(job_id, n)
+
+    async def ack(self, r: Reservation) -> None:
+        await self._send(r, "ack")
+
+    async def nak(self, r: Reservation, delay_s: float) -> None:
+        await self._send(r, "nak", delay_s)
+
+    async def in_progress(self, r: Reservation) -> None:
+        await self._send(r, "in_progress")
+
+    async def _send(self, r: Reservation, what: str, delay_s: float | None = None) -> None:
+        if r.msg is None:
+            return
+        try:
+            if what == "nak":
+                await r.msg.nak(delay=delay_s)
+            else:
+                await getattr(r.msg, what)()
+        except Exception as exc:  # noqa: BLE001 - a lost ack/WPI is recovered by redelivery
+            log.warning("job %s: %s of task %s failed: %s", r.job_id, what, r.image_id, exc)
+
+    async def ack_wait(self, job_id: int) -> float:
+        return await self.queue.ack_wait(job_id)
+
+    async def watch_new_jobs(self, callback: Callable[[int], Awaitable[None] | None]) -> None:
+        await self.queue.watch_new_jobs(callback)
+
+    async def forget(self, job_id: int) -> None:
+        await self.queue.forget(job_id)
+
+    async def close(self) -> None:
+        await self.queue.close()
+
+
+class RestTransport:
+    """Reserve through Antenna's REST API alone (for workers that cannot reach NATS)."""
+
+    name = "rest"
+    can_extend = False
+
+    def __init__(self, client: AntennaClient, ack_wait_s: float = 30.0):
+        self.client = client
+        self.ack_wait_s = ack_wait_s
+
+    async def reserve(self, job_id: int, n: int) -> list[Reservation]:
+        try:
+            tasks = await self.client.reserve_tasks(job_id, n)
+        except Rejected as exc:
+            if exc.status == 404:
+                raise StreamGone(job_id) from exc
+            raise
+        return [
+            Reservation(job_id=job_id, task=t, parse_error=None, reply_subject=t.reply_subject or "")
+            for t in tasks
+        ]
+
+    async def ack(self, r: Reservation) -> None:
+        """Antenna acks when it has saved our result."""
+
+    async def nak(self, r: Reservation, delay_s: float) -> None:
+        """No way to hand a task back over REST: it returns to the queue after ack_wait."""
+
+    async def in_progress(self, r: Reservation) -> None:
+        """No heartbeat over REST; the reservation budget keeps us within ack_wait."""
+
+    async def ack_wait(self, job_id: int) -> float:
+        return self.ack_wait_s
+
+    async def watch_new_jobs(self, callback: Callable[[int], Awaitable[None] | None]) -> None:
+        """No advisories over REST: discovery polls."""
+
+    async def forget(self, job_id: int) -> None:
+        pass
+
+    async def close(self) -> None:
+        await asyncio.sleep(0)

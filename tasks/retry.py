@@ -1,0 +1,16 @@
+"""Which failures a Prefect task retries: outages, not refusals."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from antenna_flows.antenna_client import AuthError, Rejected, Unavailable
+
+
+def retryable(task: Any, task_run: Any, state: Any) -> bool:
+    """Retry 5xx, timeouts and connection errors; never a 4xx (retrying would not change the answer)."""
+    exc = state.data if isinstance(state.data, BaseException) else None
+    if isinstance(exc, (AuthError, Rejected)):
+        return False
+    return isinstance(exc, (Unavailable, asyncio.TimeoutError, ConnectionError, OSError)) or exc is None
