@@ -1,0 +1,190 @@
+"""Clients for the local API's admin side: create, start, read, list and cancel jobs.
+
+What an operator does in Antenna's UI, over HTTP, for tests, the bench and
+the CLI. :class:`AntennaAdmin` is synchronous (scripts, tests, a DevStack from
+sync code); :class:`AsyncAntennaAdmin` the same on an event loop (the bench).
+Request building is shared, so the two cannot drift.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any, Sequence
+
+import httpx
+
+from antenna_flows.api.models import Job
+from antenna_flows.demo_images import demo_image_urls
+
+API_SUFFIX = "/api/v2"
+
+
+class AntennaError(Exception):
+    """The API answered with an error status; ``body`` is its JSON (or text)."""
+
+    def __init__(self, status: int, body: Any, method: str, url: str):
+        super().__init__(f"{method} {url} -> {status}: {body}")
+        self.status = status
+        self.body = body
+
+
+def base_url_of(api_url: str) -> str:
+    """``http://host:port`` from ``http://host:port/api/v2`` (where the demo images are served)."""
+    api_url = api_url.rstrip("/")
+    return api_url[: -len(API_SUFFIX)] if api_url.endswith(API_SUFFIX) else api_url
+
+
+def job_body(
+    pipeline: str,
+    images: int | Sequence[str] | Sequence[dict[str, Any]],
+    *,
+    base_url: str,
+    priority: int = 0,
+    job_id: int | None = None,
+    name: str | None = None,
+    project_id: int = 1,
+    start: bool = True,
+    dispatch_mode: str = "async_api",
+    width: int = 640,
+    height: int = 480,
+    missing: int = 0,
+    corrupt: int = 0,
+) -> dict[str, Any]:
+    """The ``POST /jobs/`` body: ``images`` is a count of demo frames, a list of URLs, or ``{url, id}`` dicts."""
+    if isinstance(images, int):
+        prefix = f"job{job_id}" if job_id is not None else "frame"
+        urls = demo_image_urls(base_url, images, width, height, missing=missing, corrupt=corrupt, prefix=prefix)
+        listing: dict[str, Any] = {"image_urls": urls}
+    elif images and isinstance(images[0], dict):
+        listing = {"images": list(images)}
+    else:
+        listing = {"image_urls": list(images)}
+    body = {"pipeline": pipeline, "priority": priority, "project_id": project_id, "start": start, **listing}
+    body["dispatch_mode"] = dispatch_mode
+    if job_id is not None:
+        body["id"] = job_id
+    if name is not None:
+        body["name"] = name
+    return body
+
+
+def _jobs_params(incomplete_only: bool, pipelines: Sequence[str] | None, limit: int, offset: int) -> dict[str, Any]:
+    params: dict[str, Any] = {"limit": limit, "offset": offset}
+    if incomplete_only:
+        params["incomplete_only"] = 1
+    if pipelines:
+        params["pipeline__slug__in"] = ",".join(pipelines)
+    return params
+
+
+def _checked(response: httpx.Response) -> Any:
+    try:
+        body = response.json()
+    except ValueError:
+        body = response.text
+    if response.is_error:
+        raise AntennaError(response.status_code, body, response.request.method, str(response.request.url))
+    return body
+
+
+class AntennaAdmin:
+    """Synchronous admin client (``with AntennaAdmin(url, token) as admin: admin.create_job(...)``)."""
+
+    def __init__(self, api_url: str, token: str, timeout: float = 60.0):
+        self.api_url = api_url.rstrip("/")
+        self.base_url = base_url_of(self.api_url)
+        self.client = httpx.Client(
+            base_url=self.api_url + "/", headers={"Authorization": f"Token {token}"}, timeout=timeout
+        )
+
+    def close(self) -> None:
+        self.client.close()
+
+    def __enter__(self) -> "AntennaAdmin":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def create_job(self, pipeline: str, images: int | Sequence[str] | Sequence[dict[str, Any]] = 10, **options: Any) -> Job:
+        """Create (and by default start) a job; options as :func:`job_body`."""
+        body = job_body(pipeline, images, base_url=self.base_url, **options)
+        return Job.model_validate(_checked(self.client.post("jobs/", json=body)))
+
+    def job(self, job_id: int) -> Job:
+        return Job.model_validate(_checked(self.client.get(f"jobs/{job_id}/")))
+
+    def jobs(
+        self, *, incomplete_only: bool = False, pipelines: Sequence[str] | None = None, limit: int = 1000, offset: int = 0
+    ) -> list[Job]:
+        page = _checked(self.client.get("jobs/", params=_jobs_params(incomplete_only, pipelines, limit, offset)))
+        return [Job.model_validate(row) for row in page["results"]]
+
+    def run(self, job_id: int) -> Job:
+        return Job.model_validate(_checked(self.client.post(f"jobs/{job_id}/run/")))
+
+    def cancel(self, job_id: int) -> Job:
+        return Job.model_validate(_checked(self.client.post(f"jobs/{job_id}/cancel/")))
+
+    def wait_final(self, job_id: int, timeout: float = 60.0, poll_s: float = 0.1) -> Job:
+        """Poll until the job is SUCCESS, FAILURE or REVOKED; TimeoutError with its last state otherwise."""
+        deadline = time.monotonic() + timeout
+        while True:
+            job = self.job(job_id)
+            if job.final:
+                return job
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"job {job_id} not final after {timeout}s: {job.status}, {job.processed}/{job.total}")
+            time.sleep(poll_s)
+
+
+class AsyncAntennaAdmin:
+    """The same on an event loop (``async with AsyncAntennaAdmin(url, token) as admin: ...``)."""
+
+    def __init__(self, api_url: str, token: str, timeout: float = 60.0):
+        self.api_url = api_url.rstrip("/")
+        self.base_url = base_url_of(self.api_url)
+        self.client = httpx.AsyncClient(
+            base_url=self.api_url + "/", headers={"Authorization": f"Token {token}"}, timeout=timeout
+        )
+
+    async def aclose(self) -> None:
+        await self.client.aclose()
+
+    async def __aenter__(self) -> "AsyncAntennaAdmin":
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def create_job(
+        self, pipeline: str, images: int | Sequence[str] | Sequence[dict[str, Any]] = 10, **options: Any
+    ) -> Job:
+        body = job_body(pipeline, images, base_url=self.base_url, **options)
+        return Job.model_validate(_checked(await self.client.post("jobs/", json=body)))
+
+    async def job(self, job_id: int) -> Job:
+        return Job.model_validate(_checked(await self.client.get(f"jobs/{job_id}/")))
+
+    async def jobs(
+        self, *, incomplete_only: bool = False, pipelines: Sequence[str] | None = None, limit: int = 1000, offset: int = 0
+    ) -> list[Job]:
+        page = _checked(await self.client.get("jobs/", params=_jobs_params(incomplete_only, pipelines, limit, offset)))
+        return [Job.model_validate(row) for row in page["results"]]
+
+    async def run(self, job_id: int) -> Job:
+        return Job.model_validate(_checked(await self.client.post(f"jobs/{job_id}/run/")))
+
+    async def cancel(self, job_id: int) -> Job:
+        return Job.model_validate(_checked(await self.client.post(f"jobs/{job_id}/cancel/")))
+
+    async def wait_final(self, job_id: int, timeout: float = 60.0, poll_s: float = 0.1) -> Job:
+        deadline = time.monotonic() + timeout
+        while True:
+            job = await self.job(job_id)
+            if job.final:
+                return job
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"job {job_id} not final after {timeout}s: {job.status}, {job.processed}/{job.total}")
+            await asyncio.sleep(poll_s)

@@ -1,0 +1,393 @@
+"""The local Antenna: its job-plane REST API (``/api/v2``) on real NATS JetStream, as a FastAPI app.
+
+Same paths, fields, status codes and error shapes as Antenna (Django REST
+Framework), so a worker that passes against this passes against Antenna:
+DRF's token auth (401 with ``WWW-Authenticate: Token``), DRF-shaped 400s
+(field error dicts, ``JSON parse error - ...``), ``{"detail": "Not found."}``,
+503 ``{"error": ...}`` while NATS is unreachable, and never FastAPI's 422.
+
+Extensions Antenna lacks, for a local platform: ``POST /jobs/`` (create a job
+from image URLs, with a ``priority``), ``priority`` in job listings, a job
+object with progress and queue statistics, synthetic demo images under
+``/images/`` (no auth), and a fault switch (:meth:`LocalAntenna.fail_api`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from contextlib import asynccontextmanager
+from typing import Any, AsyncIterator
+
+from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field, ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from antenna_flows.api.drf import NOT_FOUND, BadRequest, authenticate, field_errors, parse_json, validate
+from antenna_flows.api.jobplane import JobPlane, NatsUnavailable
+from antenna_flows.api.models import Job, JobCreate
+from antenna_flows.api.store import Store
+from antenna_flows.demo_images import DemoImages, valid_size
+from antenna_flows.jobqueue import QueueConfig
+from antenna_flows.schemas import (
+    PipelineRegistrationRequest,
+    PipelineRegistrationResponse,
+    PipelineResultsError,
+    PipelineResultsResponse,
+    TaskResult,
+    TasksRequest,
+    TasksResponse,
+)
+from antenna_flows.settings import DEFAULT_TOKEN
+
+log = logging.getLogger(__name__)
+
+API_PREFIX = "/api/v2"
+DEFAULT_PAGE_SIZE = 100
+HOUSEKEEPING_INTERVAL_S = 1.0
+MAX_BODY_BYTES = 32 * 1024 * 1024
+BODY_METHODS = ("POST", "PUT", "PATCH")
+
+
+class LocalAntenna:
+    """What the app's handlers share (``app.state.antenna``): the job plane, the token, images, faults."""
+
+    def __init__(self, plane: JobPlane, token: str, max_body_bytes: int):
+        self.plane = plane
+        self.token = token
+        self.max_body_bytes = max_body_bytes
+        self.images = DemoImages()
+        self._api_down_until = 0.0
+
+    @property
+    def store(self) -> Store:
+        return self.plane.store
+
+    def fail_api(self, seconds: float) -> None:
+        """Answer 503 on every ``/api/v2`` endpoint for ``seconds`` (the bench's ``api_errors`` fault)."""
+        self._api_down_until = time.monotonic() + seconds
+        log.warning("fault: the API answers 503 for %.1fs", seconds)
+
+    @property
+    def api_failing(self) -> bool:
+        return time.monotonic() < self._api_down_until
+
+
+def create_app(
+    store: Store,
+    nats_url: str,
+    *,
+    token: str = DEFAULT_TOKEN,
+    queue_config: QueueConfig | None = None,
+    max_body_bytes: int = MAX_BODY_BYTES,
+    housekeeping_interval_s: float = HOUSEKEEPING_INTERVAL_S,
+) -> FastAPI:
+    """The app; it connects to NATS (and starts housekeeping) when its lifespan starts."""
+    antenna = LocalAntenna(JobPlane(store, nats_url, queue_config), token, max_body_bytes)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await antenna.plane.connect()
+        housekeeping = asyncio.create_task(antenna.plane.housekeeping(housekeeping_interval_s))
+        try:
+            yield
+        finally:
+            housekeeping.cancel()
+            await asyncio.gather(housekeeping, return_exceptions=True)
+            await antenna.plane.close()
+
+    app = FastAPI(title="antenna-flows local Antenna", lifespan=lifespan)
+    app.state.antenna = antenna
+    app.add_middleware(_Guard, antenna=antenna)
+    app.include_router(api, prefix=API_PREFIX)
+    app.include_router(images)
+    app.add_exception_handler(BadRequest, _bad_request)
+    app.add_exception_handler(NatsUnavailable, _nats_unavailable)
+    app.add_exception_handler(RequestValidationError, _invalid_request)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    return app
+
+
+# --- plumbing ---------------------------------------------------------------------------
+
+
+class _Guard:
+    """Pure ASGI, ahead of routing: the 503 fault switch, then the body size limit (413).
+
+    The body is read here (declared ``Content-Length`` first, then what
+    actually arrives, so a chunked upload cannot get around the limit) and
+    replayed to the app.
+    """
+
+    def __init__(self, app: ASGIApp, antenna: LocalAntenna):
+        self.app = app
+        self.antenna = antenna
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        if scope["path"].startswith(API_PREFIX) and self.antenna.api_failing:
+            response = JSONResponse({"detail": "Service temporarily unavailable (injected fault)."}, 503)
+            return await response(scope, receive, send)
+        if scope["method"] not in BODY_METHODS:
+            return await self.app(scope, receive, send)
+        limit = self.antenna.max_body_bytes
+        headers = dict(scope["headers"])
+        try:
+            declared = int(headers.get(b"content-length", b"0"))
+        except ValueError:
+            declared = 0
+        if declared > limit:
+            return await _too_large(declared, limit)(scope, receive, send)
+        chunks, size, more = [], 0, True
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            more = message.get("more_body", False)
+            if size > limit:
+                return await _too_large(size, limit)(scope, receive, send)
+        body = b"".join(chunks)
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+
+def _too_large(size: int, limit: int) -> JSONResponse:
+    return JSONResponse({"detail": f"Request body too large: {size} bytes (limit {limit})."}, 413)
+
+
+def _antenna(request: Request) -> LocalAntenna:
+    return request.app.state.antenna
+
+
+def _authenticated(request: Request) -> None:
+    """DRF TokenAuthentication: ``Authorization: Token <token>``."""
+    problem = authenticate(request.headers.get("authorization"), _antenna(request).token)
+    if problem:
+        raise HTTPException(401, problem, headers={"WWW-Authenticate": "Token"})
+
+
+async def _body(request: Request, model: type[BaseModel]) -> Any:
+    """The JSON body validated against ``model`` (DRF's 415, 400 and parse errors)."""
+    media_type = request.headers.get("content-type", "").split(";")[0].strip()
+    if media_type and media_type != "application/json" and not media_type.endswith("+json"):
+        raise HTTPException(415, f'Unsupported media type "{media_type}" in request.')
+    return validate(model, parse_json(await request.body()))
+
+
+def _job_or_404(antenna: LocalAntenna, job_id: int) -> Job:
+    job = antenna.store.job(job_id)
+    if job is None:
+        raise HTTPException(404, NOT_FOUND)
+    return job
+
+
+def _bad_request(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, BadRequest)
+    return JSONResponse(exc.body, 400)
+
+
+def _nats_unavailable(request: Request, exc: Exception) -> JSONResponse:
+    log.warning("503 for %s %s: %s", request.method, request.url.path, exc)
+    return JSONResponse({"error": str(exc)}, 503)
+
+
+def _invalid_request(request: Request, exc: Exception) -> JSONResponse:
+    """FastAPI's 422 never leaves: a bad path parameter is a 404 (no such URL in Django), the rest 400."""
+    assert isinstance(exc, RequestValidationError)
+    errors = list(exc.errors())
+    if any(e["loc"][:1] == ("path",) for e in errors):
+        return JSONResponse({"detail": NOT_FOUND}, 404)
+    return JSONResponse(field_errors([{**e, "loc": tuple(e["loc"][1:])} for e in errors]), 400)
+
+
+def _http_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, StarletteHTTPException)
+    detail: Any = exc.detail
+    if exc.status_code == 404:
+        detail = NOT_FOUND
+    elif exc.status_code == 405:
+        detail = f'Method "{request.method}" not allowed.'
+    return JSONResponse({"detail": detail}, exc.status_code, headers=exc.headers)
+
+
+# --- /api/v2 ------------------------------------------------------------------------------
+
+api = APIRouter(dependencies=[Depends(_authenticated)])
+
+
+@api.get("/jobs/")
+async def list_jobs(request: Request) -> dict[str, Any]:
+    """Antenna's job list; with ``ids_only`` random order and ``limit=1`` by default (Antenna PR #1261)."""
+    q = request.query_params
+    ids_only = _flag(q.get("ids_only"))
+    slugs = [s.strip() for s in q.get("pipeline__slug__in", "").split(",") if s.strip()]
+    limit = _positive_int(q.get("limit"), 1 if ids_only else DEFAULT_PAGE_SIZE)
+    offset = _positive_int(q.get("offset"), 0, allow_zero=True)
+    count, jobs = _antenna(request).store.list_jobs(
+        pipelines=slugs or None,
+        incomplete_only=_flag(q.get("incomplete_only")),
+        dispatch_mode=q.get("dispatch_mode") or None,
+        order="random" if ids_only else "newest",
+        limit=limit,
+        offset=offset,
+    )
+    if ids_only:
+        rows: list[dict[str, Any]] = [{"id": j.id, "pipeline_slug": j.pipeline_slug, "priority": j.priority} for j in jobs]
+    else:
+        rows = [j.model_dump(mode="json") for j in jobs]
+    url = request.url
+    next_url = str(url.include_query_params(limit=limit, offset=offset + limit)) if offset + limit < count else None
+    previous_url = None
+    if offset > 0:
+        previous_url = str(
+            url.include_query_params(limit=limit).remove_query_params("offset")
+            if offset - limit <= 0
+            else url.include_query_params(limit=limit, offset=offset - limit)
+        )
+    return {"count": count, "next": next_url, "previous": previous_url, "results": rows}
+
+
+@api.post("/jobs/", status_code=201)
+async def create_job(request: Request) -> dict[str, Any]:
+    """Our admin extension: a job from image URLs and a pipeline; its tasks are published at once."""
+    body: JobCreate = await _body(request, JobCreate)
+    job = await _antenna(request).plane.create_job(body)
+    return job.model_dump(mode="json")
+
+
+@api.get("/jobs/{job_id:int}/")
+async def get_job(request: Request, job_id: int) -> dict[str, Any]:
+    antenna = _antenna(request)
+    job = await antenna.plane.live(_job_or_404(antenna, job_id))
+    return job.model_dump(mode="json")
+
+
+@api.post("/jobs/{job_id:int}/run/")
+async def run_job(request: Request, job_id: int) -> dict[str, Any]:
+    """Start a job created with ``start: false`` (Antenna's run action)."""
+    antenna = _antenna(request)
+    job = await antenna.plane.run_job(_job_or_404(antenna, job_id))
+    return job.model_dump(mode="json")
+
+
+@api.post("/jobs/{job_id:int}/cancel/")
+async def cancel_job(request: Request, job_id: int) -> dict[str, Any]:
+    """REVOKED, and its stream, consumer and dead-letter consumer deleted (as Antenna does)."""
+    antenna = _antenna(request)
+    job = await antenna.plane.cancel(_job_or_404(antenna, job_id))
+    return job.model_dump(mode="json")
+
+
+@api.post("/jobs/{job_id:int}/tasks/")
+async def reserve_tasks(request: Request, job_id: int) -> dict[str, Any]:
+    antenna = _antenna(request)
+    job = _job_or_404(antenna, job_id)
+    body: TasksRequest = await _body(request, TasksRequest)
+    tasks = await antenna.plane.reserve(job, body.batch_size)
+    return TasksResponse(tasks=tasks).model_dump(mode="json")
+
+
+class _ResultEnvelope(BaseModel):
+    reply_subject: str = Field(min_length=1)
+    result: dict[str, Any]
+
+
+class _ResultsBody(BaseModel):
+    results: list[_ResultEnvelope]
+    client_info: dict[str, Any] | None = None
+
+
+@api.post("/jobs/{job_id:int}/result/")
+async def post_results(request: Request, job_id: int) -> dict[str, Any]:
+    """Validate every result (all or nothing), save each, then ack it."""
+    antenna = _antenna(request)
+    job = _job_or_404(antenna, job_id)
+    body: _ResultsBody = await _body(request, _ResultsBody)
+    results = _task_results(body)
+    response = await antenna.plane.accept_results(job, results)
+    return response.model_dump(mode="json")
+
+
+def _task_results(body: _ResultsBody) -> list[TaskResult]:
+    """Each result as the one model it claims to be: an error (``error``, no ``pipeline``) or a success."""
+    errors: dict[str, Any] = {}
+    out = []
+    for i, item in enumerate(body.results):
+        is_error = "error" in item.result and "pipeline" not in item.result
+        model = PipelineResultsError if is_error else PipelineResultsResponse
+        try:
+            result = model.model_validate(item.result)
+        except ValidationError as exc:
+            field_errors(exc.errors(include_url=False), ("results", i, "result"), into=errors)
+            continue
+        out.append(TaskResult.model_construct(reply_subject=item.reply_subject, result=result))
+    if errors:
+        errors["results"] += [{}] * (len(body.results) - len(errors["results"]))
+        raise BadRequest(errors)
+    return out
+
+
+@api.post("/projects/{project_id:int}/pipelines/")
+async def register_pipelines(request: Request, project_id: int) -> dict[str, Any]:
+    """A processing service announces the pipelines it serves (upserted per project and slug)."""
+    body: PipelineRegistrationRequest = await _body(request, PipelineRegistrationRequest)
+    created, updated, service_id = _antenna(request).store.register_pipelines(
+        project_id, body.processing_service_name, [p.model_dump(mode="json") for p in body.pipelines]
+    )
+    log.info("project %s: %s registered pipelines %s", project_id, body.processing_service_name, created + updated)
+    return PipelineRegistrationResponse(
+        pipelines_created=created, pipelines_updated=updated, processing_service_id=service_id
+    ).model_dump(mode="json")
+
+
+def _flag(value: str | None) -> bool:
+    return (value or "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _positive_int(value: str | None, default: int, allow_zero: bool = False) -> int:
+    """DRF's pagination parsing: anything invalid falls back to the default."""
+    try:
+        number = int(value) if value is not None else default
+    except ValueError:
+        return default
+    return number if number > 0 or (allow_zero and number == 0) else default
+
+
+# --- demo images (no auth, as image URLs in Antenna) -----------------------------------------
+
+images = APIRouter(prefix="/images")
+
+
+@images.get("/demo/{width:int}x{height:int}/{name}.jpg")
+def demo_image(request: Request, width: int, height: int, name: str) -> Response:
+    """A synthetic frame, the same bytes for the same size and name (generated off the event loop)."""
+    if not valid_size(width, height):
+        raise HTTPException(404, NOT_FOUND)
+    data = _antenna(request).images.jpeg(width, height, name)
+    return Response(data, media_type="image/jpeg", headers={"Cache-Control": "public, max-age=86400"})
+
+
+@images.get("/missing/{name}.jpg")
+def missing_image(name: str) -> Response:
+    raise HTTPException(404, NOT_FOUND)
+
+
+@images.get("/corrupt/{name}.jpg")
+def corrupt_image(request: Request, name: str) -> Response:
+    """A JPEG whose header reads but whose pixels never decode."""
+    return Response(_antenna(request).images.corrupt_jpeg(name), media_type="image/jpeg")

@@ -1,0 +1,529 @@
+"""The local Antenna's database: jobs, their images, results and pipeline registrations.
+
+SQLite (stdlib, WAL) on one connection guarded by a lock: every call is a
+sub-millisecond transaction, so the API's event loop may call it directly and
+tests, the bench and the CLI may read it from other threads.
+
+The rules Antenna's own result handling follows live here, free of HTTP and
+NATS:
+
+- a result is saved once per (job, image): the first one wins, success or
+  error; later ones only increment that image's ``duplicates`` counter;
+- progress counters only ever grow, and a job leaves an active state once;
+- a job whose every image has a result or an error result becomes SUCCESS in
+  the same transaction as that last result (so exactly one caller sees the
+  transition and cleans up the job's NATS resources).
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable, Literal, Sequence
+
+from antenna_flows.api.models import Job
+from antenna_flows.jobqueue import ConsumerStats
+
+CREATED = "CREATED"
+STARTED = "STARTED"
+RETRY = "RETRY"
+SUCCESS = "SUCCESS"
+FAILURE = "FAILURE"
+REVOKED = "REVOKED"
+ACTIVE_STATES = (STARTED, RETRY)
+FINAL_STATES = (SUCCESS, FAILURE, REVOKED)
+DISPATCH_MODES = ("async_api", "sync_api", "internal")
+
+ResultKind = Literal["ok", "error"]
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    id INTEGER PRIMARY KEY,
+    name TEXT NOT NULL,
+    project_id INTEGER NOT NULL,
+    pipeline_slug TEXT NOT NULL,
+    priority INTEGER NOT NULL DEFAULT 0,
+    status TEXT NOT NULL,
+    dispatch_mode TEXT NOT NULL,
+    ack_wait_s REAL NOT NULL,
+    max_deliver INTEGER NOT NULL,
+    created_at REAL NOT NULL,
+    started_at REAL,
+    first_result_at REAL,
+    completed_at REAL,
+    cancelled_at REAL,
+    total INTEGER NOT NULL,
+    results INTEGER NOT NULL DEFAULT 0,
+    errors INTEGER NOT NULL DEFAULT 0,
+    duplicates INTEGER NOT NULL DEFAULT 0,
+    -- consumer stats: sampled while active, snapshot taken before NATS cleanup
+    messages INTEGER NOT NULL DEFAULT 0,
+    pending INTEGER NOT NULL DEFAULT 0,
+    ack_pending INTEGER NOT NULL DEFAULT 0,
+    redelivered INTEGER NOT NULL DEFAULT 0,
+    deliveries INTEGER NOT NULL DEFAULT 0,
+    redeliveries INTEGER NOT NULL DEFAULT 0,
+    stats_at REAL,
+    nats_cleaned INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS jobs_status ON jobs (status);
+CREATE TABLE IF NOT EXISTS images (
+    job_id INTEGER NOT NULL REFERENCES jobs (id) ON DELETE CASCADE,
+    image_id TEXT NOT NULL,
+    position INTEGER NOT NULL,
+    url TEXT NOT NULL,
+    stream_seq INTEGER,
+    PRIMARY KEY (job_id, image_id),
+    UNIQUE (job_id, stream_seq)
+);
+CREATE TABLE IF NOT EXISTS results (
+    job_id INTEGER NOT NULL REFERENCES jobs (id) ON DELETE CASCADE,
+    image_id TEXT NOT NULL,
+    kind TEXT NOT NULL CHECK (kind IN ('ok', 'error')),
+    payload TEXT NOT NULL,
+    first_at REAL NOT NULL,
+    num_delivered INTEGER,
+    duplicates INTEGER NOT NULL DEFAULT 0,
+    last_at REAL NOT NULL,
+    PRIMARY KEY (job_id, image_id)
+);
+CREATE TABLE IF NOT EXISTS processing_services (
+    id INTEGER PRIMARY KEY,
+    project_id INTEGER NOT NULL,
+    name TEXT NOT NULL,
+    last_seen_at REAL NOT NULL,
+    UNIQUE (project_id, name)
+);
+CREATE TABLE IF NOT EXISTS pipelines (
+    project_id INTEGER NOT NULL,
+    slug TEXT NOT NULL,
+    name TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    config TEXT NOT NULL,
+    processing_service_id INTEGER NOT NULL REFERENCES processing_services (id),
+    registered_at REAL NOT NULL,
+    PRIMARY KEY (project_id, slug)
+);
+CREATE TABLE IF NOT EXISTS counters (
+    name TEXT PRIMARY KEY,
+    value INTEGER NOT NULL
+);
+"""
+
+
+class Conflict(ValueError):
+    """The request clashes with what is stored (a job id or image id already taken)."""
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    job_id: int
+    image_id: str
+    position: int
+    url: str
+    stream_seq: int | None
+
+
+@dataclass(frozen=True)
+class ResultRecord:
+    job_id: int
+    image_id: str
+    kind: ResultKind
+    payload: dict[str, Any]
+    first_at: float
+    last_at: float
+    num_delivered: int | None
+    duplicates: int
+
+
+@dataclass(frozen=True)
+class NewResult:
+    """One result to save: which image, success or error, its JSON, and its delivery count."""
+
+    image_id: str
+    kind: ResultKind
+    payload: str
+    num_delivered: int | None = None
+
+
+@dataclass(frozen=True)
+class SaveOutcome:
+    """What a save did: ``stored[i]`` is False for a duplicate; ``completed`` if it finished the job."""
+
+    stored: list[bool]
+    completed: bool
+
+    @property
+    def duplicates(self) -> int:
+        return self.stored.count(False)
+
+
+class Store:
+    """All reads and writes of the local Antenna's state."""
+
+    def __init__(self, path: str | Path = ":memory:", clock: Callable[[], float] = time.time):
+        self.path = str(path)
+        self._clock = clock
+        self._lock = threading.RLock()
+        if self.path != ":memory:":
+            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        self._db.row_factory = sqlite3.Row
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.execute("PRAGMA foreign_keys=ON")
+        self._db.executescript(_SCHEMA)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    # --- plumbing ------------------------------------------------------------------
+
+    def _tx(self) -> "_Transaction":
+        return _Transaction(self._db, self._lock)
+
+    def _query(self, sql: str, params: Sequence[Any] = ()) -> list[sqlite3.Row]:
+        with self._lock:
+            return self._db.execute(sql, params).fetchall()
+
+    # --- jobs --------------------------------------------------------------------------
+
+    def create_job(
+        self,
+        *,
+        pipeline_slug: str,
+        images: Sequence[tuple[str | None, str]],
+        job_id: int | None = None,
+        name: str | None = None,
+        project_id: int = 1,
+        priority: int = 0,
+        dispatch_mode: str = "async_api",
+        ack_wait_s: float,
+        max_deliver: int,
+    ) -> tuple[Job, list[ImageRecord]]:
+        """Insert a CREATED job with its images, ``images`` as ``(image_id or None, url)``.
+
+        Image ids not given are drawn from one global counter (Antenna's
+        SourceImage pk); given numeric ids move the counter past them so an
+        assigned id never collides with a given one. Raises :class:`Conflict`
+        for a taken job id or an image id repeated within the job.
+        """
+        now = self._clock()
+        with self._tx() as db:
+            if job_id is None:
+                job_id = db.execute("SELECT COALESCE(MAX(id), 0) + 1 FROM jobs").fetchone()[0]
+            elif db.execute("SELECT 1 FROM jobs WHERE id = ?", (job_id,)).fetchone():
+                raise Conflict(f"job {job_id} already exists")
+            given = [image_id for image_id, _ in images if image_id is not None]
+            if len(set(given)) != len(given):
+                raise Conflict("image ids repeat within the job")
+            numeric = [int(i) for i in given if i.isdigit()]
+            next_pk = self._counter(db, "image_pk")
+            if numeric:
+                next_pk = max(next_pk, max(numeric) + 1)
+            rows = []
+            for position, (image_id, url) in enumerate(images):
+                if image_id is None:
+                    image_id = str(next_pk)
+                    next_pk += 1
+                rows.append((job_id, image_id, position, url))
+            self._set_counter(db, "image_pk", next_pk)
+            db.execute(
+                "INSERT INTO jobs (id, name, project_id, pipeline_slug, priority, status, dispatch_mode,"
+                " ack_wait_s, max_deliver, created_at, total) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    job_id,
+                    name or f"Job {job_id}",
+                    project_id,
+                    pipeline_slug,
+                    priority,
+                    CREATED,
+                    dispatch_mode,
+                    ack_wait_s,
+                    max_deliver,
+                    now,
+                    len(rows),
+                ),
+            )
+            db.executemany("INSERT INTO images (job_id, image_id, position, url) VALUES (?, ?, ?, ?)", rows)
+        job = self.job(job_id)
+        assert job is not None
+        return job, [ImageRecord(j, i, p, u, None) for j, i, p, u in rows]
+
+    def start_job(self, job_id: int, stream_seqs: dict[str, int]) -> Job:
+        """Record where each image's task sits in the stream and mark the job STARTED."""
+        with self._tx() as db:
+            db.executemany(
+                "UPDATE images SET stream_seq = ? WHERE job_id = ? AND image_id = ?",
+                [(seq, job_id, image_id) for image_id, seq in stream_seqs.items()],
+            )
+            db.execute(
+                "UPDATE jobs SET status = ?, started_at = ? WHERE id = ? AND status = ?",
+                (STARTED, self._clock(), job_id, CREATED),
+            )
+        job = self.job(job_id)
+        assert job is not None
+        return job
+
+    def discard_job(self, job_id: int) -> None:
+        """Forget a job that never started (its NATS setup failed)."""
+        with self._tx() as db:
+            db.execute("DELETE FROM jobs WHERE id = ? AND status = ?", (job_id, CREATED))
+
+    def cancel_job(self, job_id: int) -> bool:
+        """REVOKED, unless already final; True if this call changed it."""
+        with self._tx() as db:
+            cur = db.execute(
+                f"UPDATE jobs SET status = ?, cancelled_at = ? WHERE id = ? AND status NOT IN ({_marks(FINAL_STATES)})",
+                (REVOKED, self._clock(), job_id, *FINAL_STATES),
+            )
+            return cur.rowcount == 1
+
+    def job(self, job_id: int) -> Job | None:
+        rows = self._query("SELECT * FROM jobs WHERE id = ?", (job_id,))
+        return _job(rows[0]) if rows else None
+
+    def list_jobs(
+        self,
+        *,
+        pipelines: Iterable[str] | None = None,
+        incomplete_only: bool = False,
+        dispatch_mode: str | None = None,
+        statuses: Iterable[str] | None = None,
+        order: Literal["random", "newest", "oldest"] = "newest",
+        limit: int | None = None,
+        offset: int = 0,
+    ) -> tuple[int, list[Job]]:
+        """Filtered jobs as ``(count of all matches, the requested page)``."""
+        where, params = [], []
+        if pipelines is not None:
+            pipelines = list(pipelines)
+            where.append(f"pipeline_slug IN ({_marks(pipelines)})")
+            params += pipelines
+        if incomplete_only:
+            where.append(f"status NOT IN ({_marks(FINAL_STATES)})")
+            params += FINAL_STATES
+        if dispatch_mode is not None:
+            where.append("dispatch_mode = ?")
+            params.append(dispatch_mode)
+        if statuses is not None:
+            statuses = list(statuses)
+            where.append(f"status IN ({_marks(statuses)})")
+            params += statuses
+        clause = f" WHERE {' AND '.join(where)}" if where else ""
+        order_by = {"random": "RANDOM()", "newest": "id DESC", "oldest": "id"}[order]
+        with self._lock:
+            count = self._db.execute(f"SELECT COUNT(*) FROM jobs{clause}", params).fetchone()[0]
+            rows = self._db.execute(
+                f"SELECT * FROM jobs{clause} ORDER BY {order_by} LIMIT ? OFFSET ?",
+                [*params, -1 if limit is None else limit, offset],
+            ).fetchall()
+        return count, [_job(r) for r in rows]
+
+    def active_job_ids(self) -> list[int]:
+        rows = self._query(f"SELECT id FROM jobs WHERE status IN ({_marks(ACTIVE_STATES)}) ORDER BY id", ACTIVE_STATES)
+        return [r[0] for r in rows]
+
+    def uncleaned_job_ids(self) -> list[int]:
+        """Final jobs that once had NATS resources not yet deleted (cleanup failed or was cut short)."""
+        rows = self._query(
+            f"SELECT id FROM jobs WHERE status IN ({_marks(FINAL_STATES)}) AND started_at IS NOT NULL"
+            " AND nats_cleaned = 0 ORDER BY id",
+            FINAL_STATES,
+        )
+        return [r[0] for r in rows]
+
+    def set_stats(self, job_id: int, stats: ConsumerStats) -> None:
+        """Record a sample of the job's consumer statistics (cumulative counts never decrease)."""
+        with self._tx() as db:
+            db.execute(
+                "UPDATE jobs SET messages = ?, pending = ?, ack_pending = ?, redelivered = ?,"
+                " deliveries = MAX(deliveries, ?), redeliveries = MAX(redeliveries, ?), stats_at = ?"
+                " WHERE id = ? AND nats_cleaned = 0",
+                (
+                    stats.messages,
+                    stats.pending,
+                    stats.ack_pending,
+                    stats.redelivered,
+                    stats.deliveries,
+                    stats.redeliveries,
+                    self._clock(),
+                    job_id,
+                ),
+            )
+
+    def mark_cleaned(self, job_id: int) -> None:
+        with self._tx() as db:
+            db.execute("UPDATE jobs SET nats_cleaned = 1 WHERE id = ?", (job_id,))
+
+    # --- images ---------------------------------------------------------------------------
+
+    def images(self, job_id: int) -> list[ImageRecord]:
+        rows = self._query("SELECT * FROM images WHERE job_id = ? ORDER BY position", (job_id,))
+        return [ImageRecord(r["job_id"], r["image_id"], r["position"], r["url"], r["stream_seq"]) for r in rows]
+
+    def images_by_seq(self, job_id: int, seqs: Iterable[int]) -> dict[int, str]:
+        """``{stream_seq: image_id}`` for those of ``seqs`` that are this job's tasks."""
+        seqs = sorted(set(seqs))
+        if not seqs:
+            return {}
+        rows = self._query(
+            f"SELECT stream_seq, image_id FROM images WHERE job_id = ? AND stream_seq IN ({_marks(seqs)})",
+            (job_id, *seqs),
+        )
+        return {r[0]: r[1] for r in rows}
+
+    # --- results ------------------------------------------------------------------------
+
+    def save_results(self, job_id: int, results: Sequence[NewResult]) -> SaveOutcome:
+        """Save results idempotently (first per image wins) and complete the job if it is done."""
+        now = self._clock()
+        stored = []
+        with self._tx() as db:
+            for r in results:
+                cur = db.execute(
+                    "INSERT INTO results (job_id, image_id, kind, payload, first_at, last_at, num_delivered)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (job_id, image_id) DO NOTHING",
+                    (job_id, r.image_id, r.kind, r.payload, now, now, r.num_delivered),
+                )
+                if cur.rowcount == 1:
+                    stored.append(True)
+                else:
+                    db.execute(
+                        "UPDATE results SET duplicates = duplicates + 1, last_at = ? WHERE job_id = ? AND image_id = ?",
+                        (now, job_id, r.image_id),
+                    )
+                    stored.append(False)
+            completed = self._count(db, job_id, [r for r, s in zip(results, stored) if s], stored.count(False), now)
+        return SaveOutcome(stored, completed)
+
+    def record_dead_letters(self, job_id: int, image_ids: Iterable[str], error: str) -> SaveOutcome:
+        """An error result for each image that has none yet (a dead letter is not a duplicate)."""
+        now = self._clock()
+        new: list[NewResult] = []
+        stored = []
+        with self._tx() as db:
+            for image_id in image_ids:
+                payload = json.dumps({"error": error, "image_id": image_id})
+                cur = db.execute(
+                    "INSERT INTO results (job_id, image_id, kind, payload, first_at, last_at)"
+                    " VALUES (?, ?, 'error', ?, ?, ?) ON CONFLICT (job_id, image_id) DO NOTHING",
+                    (job_id, image_id, payload, now, now),
+                )
+                stored.append(cur.rowcount == 1)
+                if cur.rowcount == 1:
+                    new.append(NewResult(image_id, "error", payload))
+            completed = self._count(db, job_id, new, 0, now)
+        return SaveOutcome(stored, completed)
+
+    def _count(self, db: sqlite3.Connection, job_id: int, new: list[NewResult], duplicates: int, now: float) -> bool:
+        ok = sum(1 for r in new if r.kind == "ok")
+        db.execute(
+            "UPDATE jobs SET results = results + ?, errors = errors + ?, duplicates = duplicates + ?,"
+            " first_result_at = CASE WHEN first_result_at IS NULL AND ? > 0 THEN ? ELSE first_result_at END"
+            " WHERE id = ?",
+            (ok, len(new) - ok, duplicates, len(new), now, job_id),
+        )
+        cur = db.execute(
+            f"UPDATE jobs SET status = ?, completed_at = ? WHERE id = ? AND status IN ({_marks(ACTIVE_STATES)})"
+            " AND results + errors >= total",
+            (SUCCESS, now, job_id, *ACTIVE_STATES),
+        )
+        return cur.rowcount == 1
+
+    def results(self, job_id: int) -> list[ResultRecord]:
+        rows = self._query("SELECT * FROM results WHERE job_id = ? ORDER BY first_at, image_id", (job_id,))
+        return [
+            ResultRecord(
+                r["job_id"],
+                r["image_id"],
+                r["kind"],
+                json.loads(r["payload"]),
+                r["first_at"],
+                r["last_at"],
+                r["num_delivered"],
+                r["duplicates"],
+            )
+            for r in rows
+        ]
+
+    # --- pipelines ----------------------------------------------------------------------
+
+    def register_pipelines(
+        self, project_id: int, service_name: str, pipelines: Sequence[dict[str, Any]]
+    ) -> tuple[list[str], list[str], int]:
+        """Upsert a processing service's pipelines: ``(created slugs, updated slugs, service id)``."""
+        now = self._clock()
+        created, updated = [], []
+        with self._tx() as db:
+            db.execute(
+                "INSERT INTO processing_services (project_id, name, last_seen_at) VALUES (?, ?, ?)"
+                " ON CONFLICT (project_id, name) DO UPDATE SET last_seen_at = excluded.last_seen_at",
+                (project_id, service_name, now),
+            )
+            service_id = db.execute(
+                "SELECT id FROM processing_services WHERE project_id = ? AND name = ?", (project_id, service_name)
+            ).fetchone()[0]
+            for p in pipelines:
+                exists = db.execute(
+                    "SELECT 1 FROM pipelines WHERE project_id = ? AND slug = ?", (project_id, p["slug"])
+                ).fetchone()
+                db.execute(
+                    "INSERT INTO pipelines (project_id, slug, name, version, config, processing_service_id, registered_at)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (project_id, slug) DO UPDATE SET name = excluded.name,"
+                    " version = excluded.version, config = excluded.config,"
+                    " processing_service_id = excluded.processing_service_id, registered_at = excluded.registered_at",
+                    (project_id, p["slug"], p["name"], p["version"], json.dumps(p), service_id, now),
+                )
+                (updated if exists else created).append(p["slug"])
+        return created, updated, service_id
+
+    def pipelines(self, project_id: int) -> list[dict[str, Any]]:
+        rows = self._query("SELECT config FROM pipelines WHERE project_id = ? ORDER BY slug", (project_id,))
+        return [json.loads(r[0]) for r in rows]
+
+    # --- counters -------------------------------------------------------------------------
+
+    @staticmethod
+    def _counter(db: sqlite3.Connection, name: str) -> int:
+        row = db.execute("SELECT value FROM counters WHERE name = ?", (name,)).fetchone()
+        return row[0] if row else 1
+
+    @staticmethod
+    def _set_counter(db: sqlite3.Connection, name: str, value: int) -> None:
+        db.execute(
+            "INSERT INTO counters (name, value) VALUES (?, ?) ON CONFLICT (name) DO UPDATE SET value = excluded.value",
+            (name, value),
+        )
+
+
+class _Transaction:
+    """``with store._tx() as db:`` one locked ``BEGIN IMMEDIATE`` ... ``COMMIT`` (rolled back on error)."""
+
+    def __init__(self, db: sqlite3.Connection, lock: threading.RLock):
+        self._db = db
+        self._lock = lock
+
+    def __enter__(self) -> sqlite3.Connection:
+        self._lock.acquire()
+        self._db.execute("BEGIN IMMEDIATE")
+        return self._db
+
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        try:
+            self._db.execute("ROLLBACK" if exc_type else "COMMIT")
+        finally:
+            self._lock.release()
+
+
+def _marks(values: Sequence[Any]) -> str:
+    return ", ".join("?" * len(values))
+
+
+def _job(row: sqlite3.Row) -> Job:
+    return Job.model_validate(dict(row))

@@ -1,0 +1,247 @@
+"""The whole local job plane in one object: NATS JetStream plus the Antenna-compatible API.
+
+``antenna-flows devstack`` runs one in the foreground; tests, the bench and
+the demo run one in-process. The API serves from a background thread with its
+own event loop and its own NATS connection, so sync code (a test, a CLI
+command) and async code (the bench) can both drive it, and a fault injected
+here (NATS restart, API errors) looks to a worker exactly like one in
+production.
+
+>>> with DevStack() as stack:  # doctest: +SKIP
+...     job = stack.create_job("panama_moths_2024", 20)
+...     print(stack.api_url, stack.token, job.id)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import shutil
+import socket
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import uvicorn
+
+from antenna_flows.api.admin import AntennaAdmin
+from antenna_flows.api.app import HOUSEKEEPING_INTERVAL_S, LocalAntenna, create_app
+from antenna_flows.api.models import Job
+from antenna_flows.api.store import Store
+from antenna_flows.jobqueue import QueueConfig
+from antenna_flows.natsserver import EmbeddedNats
+from antenna_flows.settings import ApiSettings, QueueSettings
+
+log = logging.getLogger(__name__)
+
+START_TIMEOUT_S = 15.0
+DB_NAME = "antenna.sqlite3"
+
+
+class DevStack:
+    """NATS (embedded unless a URL is given) and the API on ``api.api_host:api.api_port``.
+
+    Without ``api`` settings the stack is ephemeral: a free port and a
+    temporary data directory (database and NATS store) removed on stop. With
+    them, state lives in ``api.data_dir`` and survives restarts. Queue
+    settings (ack_wait, max_deliver, max_ack_pending) apply to jobs created
+    from then on.
+    """
+
+    def __init__(
+        self,
+        queue: QueueSettings | None = None,
+        api: ApiSettings | None = None,
+        *,
+        nats_url: str | None = None,
+        nats_port: int = 0,
+        housekeeping_interval_s: float = HOUSEKEEPING_INTERVAL_S,
+    ):
+        self.queue_settings = queue or QueueSettings()
+        self._temp_dir: Path | None = None
+        if api is None:
+            self._temp_dir = Path(tempfile.mkdtemp(prefix="antenna-devstack-"))
+            api = ApiSettings(api_port=0, data_dir=self._temp_dir)
+        self.api_settings = api
+        self._external_nats = nats_url or self.queue_settings.nats_url
+        self._nats_port = nats_port
+        self._housekeeping_interval_s = housekeeping_interval_s
+        self.nats: EmbeddedNats | None = None
+        self._store: Store | None = None
+        self._server: uvicorn.Server | None = None
+        self._thread: threading.Thread | None = None
+        self._app_state: LocalAntenna | None = None
+        self._admin: AntennaAdmin | None = None
+        self._port = 0
+
+    # --- where things are ------------------------------------------------------------
+
+    @property
+    def base_url(self) -> str:
+        return f"http://{self._client_host}:{self._port}"
+
+    @property
+    def api_url(self) -> str:
+        return f"{self.base_url}/api/v2"
+
+    @property
+    def token(self) -> str:
+        return self.api_settings.api_token
+
+    @property
+    def nats_url(self) -> str:
+        if self._external_nats:
+            return self._external_nats
+        if self.nats is None:
+            raise RuntimeError("DevStack not started")
+        return self.nats.url
+
+    @property
+    def store(self) -> Store:
+        if self._store is None:
+            raise RuntimeError("DevStack not started")
+        return self._store
+
+    @property
+    def antenna(self) -> LocalAntenna:
+        """The running app's shared state (job plane, fault switch)."""
+        if self._app_state is None:
+            raise RuntimeError("DevStack not started")
+        return self._app_state
+
+    @property
+    def admin(self) -> AntennaAdmin:
+        """A synchronous admin client for this stack (closed with it)."""
+        if self._admin is None:
+            self._admin = AntennaAdmin(self.api_url, self.token)
+        return self._admin
+
+    @property
+    def data_dir(self) -> Path:
+        return self.api_settings.data_dir
+
+    @property
+    def _client_host(self) -> str:
+        host = self.api_settings.api_host
+        return "127.0.0.1" if host in ("0.0.0.0", "") else host
+
+    @property
+    def queue_config(self) -> QueueConfig:
+        q = self.queue_settings
+        return QueueConfig(ack_wait_s=q.nats_task_ttr, max_deliver=q.nats_max_deliver, max_ack_pending=q.nats_max_ack_pending)
+
+    # --- lifecycle --------------------------------------------------------------------
+
+    def start(self) -> "DevStack":
+        try:
+            self._start_nats()
+            db_path = self.api_settings.api_db_path or self.data_dir / DB_NAME
+            self._store = Store(db_path)
+            self._start_api()
+        except BaseException:
+            self.stop()
+            raise
+        log.info("devstack up: API %s, NATS %s, database %s", self.api_url, self.nats_url, self._store.path)
+        return self
+
+    def _start_nats(self) -> None:
+        if self._external_nats:
+            return
+        store_dir = self.queue_settings.nats_store_dir or self.data_dir / "nats"
+        self.nats = EmbeddedNats(store_dir=store_dir, port=self._nats_port).start()
+
+    def _start_api(self) -> None:
+        app = create_app(
+            self.store,
+            self.nats_url,
+            token=self.token,
+            queue_config=self.queue_config,
+            max_body_bytes=self.api_settings.api_max_body_bytes,
+            housekeeping_interval_s=self._housekeeping_interval_s,
+        )
+        self._app_state = app.state.antenna
+        # proto=IPPROTO_TCP, or asyncio does not set TCP_NODELAY on accepted connections
+        # and every response waits ~40 ms on Nagle + delayed ACK.
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((self.api_settings.api_host, self.api_settings.api_port))
+        self._port = sock.getsockname()[1]
+        config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=2, lifespan="on")
+        server = uvicorn.Server(config)
+        self._server = server
+        self._thread = threading.Thread(
+            target=lambda: asyncio.run(server.serve(sockets=[sock])), name="antenna-api", daemon=True
+        )
+        self._thread.start()
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while not server.started:
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                sock.close()
+                raise RuntimeError(f"the API did not start on port {self._port} (is NATS at {self.nats_url} reachable?)")
+            time.sleep(0.005)
+
+    def stop(self) -> None:
+        """Stop the API, then NATS; an ephemeral stack's files go too. Safe to call twice."""
+        if self._admin is not None:
+            self._admin.close()
+            self._admin = None
+        if self._server is not None and self._thread is not None:
+            self._server.should_exit = True
+            self._thread.join(timeout=10)
+        self._server = self._thread = None
+        if self._store is not None:
+            self._store.close()
+            self._store = None
+        if self.nats is not None:
+            self.nats.stop()
+            self.nats = None
+        if self._temp_dir is not None:
+            shutil.rmtree(self._temp_dir, ignore_errors=True)
+
+    def __enter__(self) -> "DevStack":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # --- faults -----------------------------------------------------------------------------
+
+    def _embedded(self) -> EmbeddedNats:
+        if self.nats is None:
+            raise RuntimeError("only an embedded NATS can be stopped or restarted by the stack")
+        return self.nats
+
+    def restart_nats(self, down_s: float = 0.0, wait: bool = True) -> None:
+        """Stop NATS, stay down ``down_s`` seconds, start it again on the same port and store."""
+        log.warning("fault: restarting NATS (down %.1fs)", down_s)
+        self._embedded().restart(down_s)
+        if wait:
+            self.wait_api_connected()
+
+    def stop_nats(self) -> None:
+        self._embedded().stop()
+
+    def start_nats(self, wait: bool = True) -> None:
+        self._embedded().start()
+        if wait:
+            self.wait_api_connected()
+
+    def wait_api_connected(self, timeout: float = 10.0) -> None:
+        """Block until the API's NATS connection is back (it reconnects every 0.25 s)."""
+        deadline = time.monotonic() + timeout
+        while not self.antenna.plane.nats_connected:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the API did not reconnect to NATS within {timeout}s")
+            time.sleep(0.02)
+
+    def fail_api(self, seconds: float) -> None:
+        """Every ``/api/v2`` endpoint answers 503 for ``seconds``."""
+        self.antenna.fail_api(seconds)
+
+    # --- jobs ---------------------------------------------------------------------------------
+
+    def create_job(self, pipeline: str, images: int | Sequence[str] | Sequence[dict[str, Any]] = 10, **options: Any) -> Job:
+        """Create a job over HTTP (see :meth:`AntennaAdmin.create_job`)."""
+        return self.admin.create_job(pipeline, images, **options)
