@@ -1,0 +1,266 @@
+"""The AMI pipeline in torch for one batch: detector -> moth filter -> terminal classifier.
+
+Every stage sees the whole batch at once: one detector call over all images (torchvision's
+transform resizes each image and pads the batch, so mixed sizes are fine), then every crop of
+the batch through each classifier in as few calls as memory allows. On CUDA the heavy modules
+run in bf16 (fp16 where bf16 is missing) with channels-last tensors; box arithmetic stays fp32.
+Each stage is timed (synchronising the device at stage ends, where results are read back
+anyway), so callers can report where a batch's time goes.
+
+Plain torch only (no pydantic): ``AmiModel`` turns :class:`BatchOutput` into Antenna's schema,
+and ``deployments/gpu_bench.py`` drives this module directly on machines without pydantic.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from antenna_flows.models import crops as crop_ops
+from antenna_flows.models.nets import build_classifier, build_detector, prepare_for_inference
+from antenna_flows.models.registry import ClassifierSpec, DetectorSpec
+from antenna_flows.models.weights import load_label_map, load_state_dict, resolve
+
+log = logging.getLogger(__name__)
+
+STAGES = ("prepare", "detect", "crop", "binary", "classify")
+
+
+@dataclass
+class LoadedDetector:
+    spec: DetectorSpec
+    module: nn.Module
+
+
+@dataclass
+class LoadedClassifier:
+    spec: ClassifierSpec
+    labels: list[str]
+    module: nn.Module
+
+    @property
+    def positive_index(self) -> int | None:
+        return self.labels.index(self.spec.positive_label) if self.spec.positive_label else None
+
+
+@dataclass
+class StageOutput:
+    """Classifier outputs for a set of crops, on the CPU: raw logits and softmax scores."""
+
+    logits: torch.Tensor
+    scores: torch.Tensor
+
+
+@dataclass
+class BatchOutput:
+    """Everything one batch produced, indexed by detection row.
+
+    ``image_index[r]``/``boxes[r]``: the image and integer box of detection ``r`` (degenerate
+    boxes already dropped); ``binary``: the moth filter's outputs for every row (None when the
+    pipeline has no filter); ``classified``: the rows the terminal classifier saw (all rows
+    without a filter, the moths with one) and ``terminal`` its outputs in that order.
+    """
+
+    image_index: torch.Tensor
+    boxes: torch.Tensor
+    binary: StageOutput | None
+    classified: torch.Tensor
+    terminal: StageOutput
+    dropped: int
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` (first GPU if any, else CPU), ``cpu``, ``cuda`` or ``cuda:N``."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError(f"device {name!r} requested but CUDA is not available")
+        index = torch.cuda.current_device() if device.index is None else device.index
+        if index >= torch.cuda.device_count():
+            raise RuntimeError(f"device {name!r} requested but only {torch.cuda.device_count()} GPU(s) are visible")
+        device = torch.device("cuda", index)
+    elif device.type != "cpu":
+        raise ValueError(f"unsupported device {name!r} (auto, cpu, cuda, cuda:N)")
+    return device
+
+
+def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
+    """Autocast dtype, or None for plain fp32 (always on CPU)."""
+    if device.type != "cuda" or precision == "fp32":
+        return None
+    if precision == "auto":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def to_hwc_uint8(image: Any) -> torch.Tensor:
+    """An RGB PIL image (or an (H, W, 3) uint8 tensor, passed through) as an (H, W, 3) uint8 tensor."""
+    if isinstance(image, torch.Tensor):
+        return image
+    if image.mode != "RGB":
+        image = image.convert("RGB")
+    return torch.from_numpy(np.array(image))
+
+
+class Engine:
+    """Loads the AMI models onto one device and runs batches through them."""
+
+    def __init__(self, weights_dir: Path, *, device: str = "auto", precision: str = "auto",
+                 allow_download: bool = False, channels_last: bool | None = None, classify_chunk: int = 256):
+        self.weights_dir = Path(weights_dir).expanduser()
+        self.allow_download = allow_download
+        self.device = resolve_device(device)
+        self.dtype = resolve_precision(precision, self.device)
+        self.channels_last = self.device.type == "cuda" if channels_last is None else channels_last
+        self.classify_chunk = classify_chunk
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+
+    @property
+    def precision(self) -> str:
+        return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[self.dtype]
+
+    # --- loading -------------------------------------------------------------------
+
+    def load_detector(self, spec: DetectorSpec) -> LoadedDetector:
+        path = resolve(spec.weights, self.weights_dir, allow_download=self.allow_download,
+                       what=f"weights of {spec.name!r}")
+        module = build_detector(spec)
+        module.load_state_dict(load_state_dict(path))
+        return LoadedDetector(spec, prepare_for_inference(module, spec, self.device, self.dtype, self.channels_last))
+
+    def load_classifier(self, spec: ClassifierSpec) -> LoadedClassifier:
+        labels_path = resolve(spec.labels, self.weights_dir, allow_download=self.allow_download,
+                              what=f"label map of {spec.name!r}")
+        labels = load_label_map(labels_path)
+        if spec.positive_label and spec.positive_label not in labels:
+            raise ValueError(f"{labels_path}: no {spec.positive_label!r} label for the {spec.name!r} filter")
+        if spec.num_classes and spec.num_classes != len(labels):
+            log.warning("%s has %d classes, %s says %d", labels_path, len(labels), spec.name, spec.num_classes)
+        path = resolve(spec.weights, self.weights_dir, allow_download=self.allow_download,
+                       what=f"weights of {spec.name!r}")
+        module = build_classifier(spec, len(labels))
+        module.load_state_dict(load_state_dict(path))
+        return LoadedClassifier(spec, labels, prepare_for_inference(module, spec, self.device, self.dtype, self.channels_last))
+
+    # --- stages --------------------------------------------------------------------
+
+    def to_device(self, images: list[Any]) -> list[torch.Tensor]:
+        """(H, W, 3) uint8 tensors on the device; on CUDA via pinned memory, so each copy
+        overlaps the conversion of the next image."""
+        out = []
+        for image in images:
+            tensor = to_hwc_uint8(image)
+            if self.device.type == "cuda":
+                tensor = (tensor if tensor.is_pinned() else tensor.pin_memory()).to(self.device, non_blocking=True)
+            out.append(tensor)
+        return out
+
+    def detect(self, detector: LoadedDetector, images: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Per image, the (k, 4) int64 CPU boxes scoring above the threshold.
+
+        Images go in whole as [0, 1] floats (upstream's ToTensor); boxes come back in original
+        pixels and are truncated to integers, as upstream stores and crops them.
+        """
+        inputs = [im.permute(2, 0, 1).float().div_(255.0) for im in images]
+        outputs = detector.module(inputs)
+        kept = [o["boxes"][o["scores"] > detector.spec.score_threshold] for o in outputs]
+        counts = [len(k) for k in kept]
+        boxes = torch.cat(kept).cpu().to(torch.int64) if kept else torch.empty((0, 4), dtype=torch.int64)
+        return list(boxes.split(counts))
+
+    def crops(self, batch: torch.Tensor, image_index: torch.Tensor, boxes: torch.Tensor,
+              spec: ClassifierSpec) -> torch.Tensor:
+        return crop_ops.crop_and_resize(batch, image_index, boxes, spec.input_size, spec.mean, spec.std)
+
+    def classify(self, classifier: LoadedClassifier, crops: torch.Tensor) -> StageOutput:
+        """Logits and softmax scores (CPU, float32) for (n, 3, S, S) normalised crops."""
+        if len(crops) == 0:
+            empty = torch.empty((0, len(classifier.labels)))
+            return StageOutput(empty, empty)
+        logits = torch.cat([classifier.module(chunk) for chunk in crops.split(self.classify_chunk)]).float()
+        scores = torch.softmax(logits, dim=1)
+        return StageOutput(logits.cpu(), scores.cpu())
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    # --- one batch -------------------------------------------------------------------
+
+    def run(self, images: list[Any], classifier: LoadedClassifier, *, detector: LoadedDetector | None = None,
+            binary: LoadedClassifier | None = None, boxes: list[torch.Tensor] | None = None) -> BatchOutput:
+        """Run one batch. ``boxes`` (per image, (k, 4) pixels) skips the detector."""
+        timings = dict.fromkeys(STAGES, 0.0)
+        clock = time.perf_counter()
+
+        def lap(stage: str) -> None:
+            nonlocal clock
+            self._sync()
+            now = time.perf_counter()
+            timings[stage] += now - clock
+            clock = now
+
+        with torch.inference_mode():
+            on_device = self.to_device(images)
+            lap("prepare")
+            if boxes is None:
+                if detector is None:
+                    raise ValueError("either a detector or boxes are needed")
+                boxes = self.detect(detector, on_device)
+                lap("detect")
+            image_index, flat, dropped = _valid_boxes(boxes, [im.shape[:2] for im in on_device])
+            batch = crop_ops.stack_images(on_device) if len(flat) else None
+
+            def crops_for(rows: torch.Tensor, spec: ClassifierSpec) -> torch.Tensor:
+                if batch is None or len(rows) == 0:
+                    return torch.empty((0, 3, spec.input_size, spec.input_size))
+                return self.crops(batch, image_index[rows], flat[rows], spec)
+
+            classified = torch.arange(len(flat))
+            crops = crops_for(classified, (binary or classifier).spec)
+            lap("crop")
+            binary_out = None
+            if binary is not None:
+                binary_out = self.classify(binary, crops)
+                lap("binary")
+                classified = torch.nonzero(binary_out.scores.argmax(1) == binary.positive_index).flatten()
+                if _same_preprocessing(binary.spec, classifier.spec):
+                    crops = crops[classified.to(crops.device)]
+                else:
+                    crops = crops_for(classified, classifier.spec)
+                lap("crop")
+            terminal = self.classify(classifier, crops)
+            lap("classify")
+        return BatchOutput(image_index, flat, binary_out, classified, terminal, dropped, timings)
+
+
+def _same_preprocessing(a: ClassifierSpec, b: ClassifierSpec) -> bool:
+    return (a.input_size, a.mean, a.std) == (b.input_size, b.mean, b.std)
+
+
+def _valid_boxes(boxes: list[torch.Tensor], sizes: list[tuple[int, int]]) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Flatten per-image boxes to (image_index, (n, 4) int64), clipped to the image; boxes with
+    no pixels left are dropped (upstream skips them: they cannot be cropped or classified)."""
+    indices, kept, dropped = [], [], 0
+    for i, (image_boxes, (height, width)) in enumerate(zip(boxes, sizes)):
+        b = torch.as_tensor(image_boxes, dtype=torch.float64).reshape(-1, 4).to(torch.int64)
+        b[:, 0::2] = b[:, 0::2].clamp(0, int(width))
+        b[:, 1::2] = b[:, 1::2].clamp(0, int(height))
+        ok = (b[:, 2] > b[:, 0]) & (b[:, 3] > b[:, 1])
+        dropped += int((~ok).sum())
+        kept.append(b[ok])
+        indices.append(torch.full((int(ok.sum()),), i, dtype=torch.int64))
+    if not kept:
+        return torch.empty(0, dtype=torch.int64), torch.empty((0, 4), dtype=torch.int64), dropped
+    return torch.cat(indices), torch.cat(kept), dropped
