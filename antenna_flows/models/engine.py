@@ -81,7 +81,10 @@ def resolve_device(name: str) -> torch.device:
     """``auto`` (first GPU if any, else CPU), ``cpu``, ``cuda`` or ``cuda:N``."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise ValueError(f"unsupported device {name!r} (auto, cpu, cuda, cuda:N)") from exc
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise RuntimeError(f"device {name!r} requested but CUDA is not available")
@@ -116,12 +119,12 @@ class Engine:
     """Loads the AMI models onto one device and runs batches through them."""
 
     def __init__(self, weights_dir: Path, *, device: str = "auto", precision: str = "auto",
-                 allow_download: bool = False, channels_last: bool | None = None, classify_chunk: int = 256):
+                 allow_download: bool = False, channels_last: bool = True, classify_chunk: int = 256):
         self.weights_dir = Path(weights_dir).expanduser()
         self.allow_download = allow_download
         self.device = resolve_device(device)
         self.dtype = resolve_precision(precision, self.device)
-        self.channels_last = self.device.type == "cuda" if channels_last is None else channels_last
+        self.channels_last = channels_last  # faster on CUDA and on CPU (oneDNN) alike
         self.classify_chunk = classify_chunk
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)

@@ -56,7 +56,7 @@ def resolve(file: RemoteFile, weights_dir: Path, *, allow_download: bool, what: 
         return path
     if not allow_download:
         raise MissingWeights(
-            f"{what} {file.filename} is not in {path.parent}. Get it with\n"
+            f"{what}: {file.filename} is not in {path.parent}. Get it with\n"
             f"  mkdir -p {path.parent} && curl -fL -o {path} {file.url}\n"
             f"or let the worker download it once: AMI_ALLOW_WEIGHT_DOWNLOAD=true "
             f"(AMI_WEIGHTS_DIR chooses the directory)."
