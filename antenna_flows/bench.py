@@ -342,11 +342,10 @@ class Bench:
             total = int(j.get("total", spec.images))
             answered_total += results + errors
             first = j.get("first_result_at")
-            done = j.get("last_result_at") if results + errors >= total else None
-            if done is not None:
-                last_answer = max(last_answer, done - t0)
-            elif j.get("last_result_at"):
-                last_answer = max(last_answer, j["last_result_at"] - t0)
+            last = j.get("last_result_at") or j.get("completed_at")
+            done = last if results + errors >= total else None
+            if last:
+                last_answer = max(last_answer, last - t0)
             if spec.id not in cancelled:
                 lost += max(0, total - results - errors)
             rows.append({

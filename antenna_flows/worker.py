@@ -17,10 +17,13 @@ Five cooperating loops on one event loop, the GPU on a thread of its own:
 - **heartbeat** sends +WPI for every task held, reserved or running, every
   ``in_progress_fraction * ack_wait``: a reservation never expires under us.
 
-The slot, reserver and poster run inside *inference sessions* (a Prefect
-subflow each under Prefect orchestration): bounded in time, so a worker that
-runs for weeks keeps a bounded run history, and idle-ended, so the Prefect UI
-shows when the GPU worked and for whom.
+Discovery, reserver and heartbeat live as long as the worker (the worker
+flow run: each reservation round is a task run). The slot and poster run
+inside *inference sessions* (a subflow run each), which start when something
+is reserved and end when the slot has been idle ``session_idle_s`` or after
+``session_max_s``: the Prefect UI shows when the GPU worked and for whom, and
+a worker that runs for weeks keeps a bounded run history. Task runs return
+only counts, so a long flow run holds no per-call results in memory.
 """
 
 from __future__ import annotations
@@ -133,7 +136,6 @@ class FairWorker:
         self._wake_reserver = asyncio.Event()
         self._pool_changed = asyncio.Event()
         self._discover_now = asyncio.Event()
-        self._work_seen = asyncio.Event()
         self._post_queue: asyncio.Queue[BatchOutcome | None] | None = None
         self._fatal: BaseException | None = None
         self._warned_pipelines: set[str] = set()
@@ -166,6 +168,7 @@ class FairWorker:
         self._install_signal_handlers()
         background = [
             asyncio.create_task(self._discovery_loop(), name="discovery"),
+            asyncio.create_task(self._reserver_loop(), name="reserver"),
             asyncio.create_task(self._heartbeat_loop(), name="heartbeat"),
         ]
         if s.max_runtime_s:
@@ -226,12 +229,11 @@ class FairWorker:
         self.stop(f"fatal: {exc}")
 
     async def _wait_for_work(self) -> None:
-        while not self._stop.is_set():
-            if any(self.pool.values()) or any(self.scheduler.eligible(j) for j in self.jobs):
-                return
-            self._work_seen.clear()
+        """Sessions start when there is something reserved to run, not merely jobs to look at."""
+        while not self._stop.is_set() and not any(self.pool.values()):
+            self._pool_changed.clear()
             try:
-                await asyncio.wait_for(self._work_seen.wait(), timeout=RESERVE_TICK_S)
+                await asyncio.wait_for(self._pool_changed.wait(), timeout=RESERVE_TICK_S)
             except asyncio.TimeoutError:
                 pass
 
@@ -291,7 +293,6 @@ class FairWorker:
                 log.info("worker %s: job %s (%s, priority %d, ack_wait %.0fs) joined the rotation",
                          self.name, item.id, pipeline, item.priority, ack_wait)
                 self._wake_reserver.set()
-                self._work_seen.set()
             else:
                 info.last_listed = now
                 if info.priority != item.priority:
@@ -363,7 +364,11 @@ class FairWorker:
             wants = _trim(wants, cap + self.settings.max_batch_size - sum(pool.values()))
             if not wants:
                 return
-            got = await self.orch.reserve(self._reserve, wants)
+            if all(self.scheduler.dry_for(j) > 0 for j in wants):
+                # Only probing jobs that had nothing last time: not worth a task run of its own.
+                got = await self._reserve(wants)
+            else:
+                got = await self.orch.reserve(self._reserve, wants)
             if got >= sum(wants.values()):
                 return
 
@@ -451,17 +456,14 @@ class FairWorker:
     # --- inference session ----------------------------------------------------------
 
     async def _session(self) -> dict[str, Any]:
-        """One inference session: reserve, run batches and post until idle, too long, or stopping."""
+        """One inference session: run batches and post them until idle, too long, or stopping."""
         started = self.clock()
         before = self.ledger.totals()
         self._post_queue = asyncio.Queue(maxsize=MAX_PENDING_POSTS)
-        reserver = asyncio.create_task(self._reserver_loop(), name="reserver")
         posters = [asyncio.create_task(self._poster_loop(), name=f"poster-{i}") for i in range(POSTERS)]
         try:
             await self._slot_loop(started + self.settings.session_max_s)
         finally:
-            reserver.cancel()
-            await asyncio.gather(reserver, return_exceptions=True)
             for _ in posters:
                 await self._post_queue.put(None)
             await asyncio.gather(*posters, return_exceptions=True)
