@@ -158,16 +158,19 @@ class Engine:
 
     # --- stages --------------------------------------------------------------------
 
+    def host_tensor(self, image: Any) -> torch.Tensor:
+        """An image as the (H, W, 3) uint8 host tensor the device copy starts from (pinned for a
+        GPU). Callers that can should do this off the inference thread (e.g. where images are
+        decoded) and pass the tensor: on 4K frames it is most of the "prepare" stage."""
+        tensor = to_hwc_uint8(image)
+        if self.device.type == "cuda" and not tensor.is_pinned():
+            tensor = tensor.pin_memory()
+        return tensor
+
     def to_device(self, images: list[Any]) -> list[torch.Tensor]:
-        """(H, W, 3) uint8 tensors on the device; on CUDA via pinned memory, so each copy
-        overlaps the conversion of the next image."""
-        out = []
-        for image in images:
-            tensor = to_hwc_uint8(image)
-            if self.device.type == "cuda":
-                tensor = (tensor if tensor.is_pinned() else tensor.pin_memory()).to(self.device, non_blocking=True)
-            out.append(tensor)
-        return out
+        """(H, W, 3) uint8 tensors on the device; on CUDA the copies are asynchronous from pinned
+        memory, so each overlaps the conversion of the next image."""
+        return [self.host_tensor(image).to(self.device, non_blocking=True) for image in images]
 
     def detect(self, detector: LoadedDetector, images: list[torch.Tensor]) -> list[torch.Tensor]:
         """Per image, the (k, 4) int64 CPU boxes scoring above the threshold.

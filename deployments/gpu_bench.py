@@ -1,0 +1,293 @@
+#!/usr/bin/env python3
+"""One-shot throughput benchmark of the AMI pipeline (detector -> moth filter -> species model).
+
+Runs the real architectures with random weights (written to a temporary weights directory in
+the published formats and loaded through the worker's own loading code; nothing downloads)
+on synthetic trap frames: a light sheet with dark, moth-sized ellipses. Reports images/s,
+seconds per stage and how busy the GPU was, for each precision x batch size x input kind.
+
+Detections are injected: random detector weights find arbitrary boxes, so the detector runs
+in full (its time is real) but its output is replaced by the drawn moths' boxes, and the moth
+filter is biased to call every crop a moth, so the species model classifies every crop (the
+most classifier work a frame can cause). GPU busy = union of CUDA kernel/memcpy intervals
+from torch.profiler over one extra batch / that batch's wall time (plus nvidia-smi's sampled
+utilisation over the timed batches when the tool is present).
+
+Needs only torch, torchvision, timm, numpy and pillow (no pydantic): the package's
+``antenna_flows.models`` __init__ (which imports the worker settings) is bypassed.
+
+    python3 deployments/gpu_bench.py                 # GPU, 4096x2160 (writes $OUT/gpu_bench.json)
+    python3 deployments/gpu_bench.py --cpu           # this machine's CPU, 640x480
+    python3 deployments/gpu_bench.py --cpu --small   # smoke test, a few seconds
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import types
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _import_models() -> tuple[Any, Any, Any, Any]:
+    """engine, fakes, nets and registry without running antenna_flows/models/__init__.py."""
+    sys.path.insert(0, str(ROOT))
+    package = types.ModuleType("antenna_flows.models")
+    package.__path__ = [str(ROOT / "antenna_flows" / "models")]
+    sys.modules.setdefault("antenna_flows.models", package)
+    from antenna_flows.models import engine, fakes, nets, registry  # noqa: PLC0415
+
+    return engine, fakes, nets, registry
+
+
+engine_mod, fakes, nets, registry = _import_models()
+
+
+# --- synthetic frames ---------------------------------------------------------------------
+
+
+def synth_frames(count: int, width: int, height: int, moths: int, seed: int = 0) -> tuple[list[Image.Image], list[torch.Tensor]]:
+    """Light noisy sheets with ``moths`` dark ellipses each; returns the images and their boxes."""
+    rng = np.random.default_rng(seed)
+    scale = max(width, height) / 4096
+    frames, boxes = [], []
+    for _ in range(count):
+        sheet = (185 + rng.integers(0, 25, (height, width, 1), dtype=np.uint8)).repeat(3, axis=2)
+        frame_boxes = []
+        for _ in range(moths):
+            ax, ay = (rng.uniform(30, 120, 2) * scale).clip(3)
+            cx, cy = rng.uniform(ax, width - ax), rng.uniform(ay, height - ay)
+            x1, y1, x2, y2 = int(cx - ax), int(cy - ay), int(cx + ax) + 1, int(cy + ay) + 1
+            yy, xx = np.ogrid[y1:y2, x1:x2]
+            inside = ((xx - cx) / ax) ** 2 + ((yy - cy) / ay) ** 2 <= 1
+            sheet[y1:y2, x1:x2][inside] = rng.integers(20, 110, 3, dtype=np.uint8)
+            frame_boxes.append((x1, y1, x2, y2))
+        frames.append(Image.fromarray(sheet))
+        boxes.append(torch.tensor(frame_boxes, dtype=torch.float32))
+    return frames, boxes
+
+
+class InjectBoxes(torch.nn.Module):
+    """Runs the real detector, then answers with the boxes set in ``boxes`` (score 1)."""
+
+    def __init__(self, inner: torch.nn.Module):
+        super().__init__()
+        self.inner = inner
+        self.boxes: list[torch.Tensor] = []
+
+    def forward(self, images: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+        self.inner(images)
+        return [{"boxes": b.to(images[0].device), "scores": torch.ones(len(b), device=images[0].device),
+                 "labels": torch.ones(len(b), dtype=torch.int64, device=images[0].device)} for b in self.boxes]
+
+
+def write_weights(pipeline: Any, weights_dir: Path, species_classes: int | None) -> None:
+    """Random weights for every stage; the moth filter's head is biased to say "moth"."""
+    fakes.write_random_pipeline(pipeline, weights_dir, num_classes=species_classes)
+    binary = pipeline.binary
+    if binary is not None:
+        net = nets.build_classifier(binary, 2)
+        with torch.no_grad():
+            net.fc.bias.copy_(torch.tensor([50.0, -50.0]))  # labels are ["moth", "nonmoth"]
+        fakes.write_weights(binary, weights_dir, net)
+
+
+# --- measurement --------------------------------------------------------------------------
+
+
+class SmiSampler:
+    """nvidia-smi utilization.gpu sampled every 100 ms while running (None without the tool)."""
+
+    def __init__(self, device_index: int):
+        self.device_index = device_index
+        self.proc: subprocess.Popen[str] | None = None
+
+    def __enter__(self) -> SmiSampler:
+        if shutil.which("nvidia-smi"):
+            self.proc = subprocess.Popen(
+                ["nvidia-smi", "-i", str(self.device_index), "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits", "-lms", "100"],
+                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.proc:
+            self.proc.terminate()
+
+    def mean(self) -> float | None:
+        if not self.proc:
+            return None
+        out, _ = self.proc.communicate(timeout=5)
+        values = [float(v) for v in out.split() if v.strip().replace(".", "", 1).isdigit()]
+        return round(statistics.fmean(values) / 100, 3) if values else None
+
+
+def gpu_busy_fraction(run_batch: Any) -> float | None:
+    """Union of CUDA activity intervals during one batch / the batch's wall time (None if the
+    profiler recorded no device activity)."""
+    from torch.autograd import DeviceType  # noqa: PLC0415
+    from torch.profiler import ProfilerActivity, profile  # noqa: PLC0415
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        start = time.perf_counter()
+        run_batch()
+        wall_us = (time.perf_counter() - start) * 1e6
+    spans = sorted((e.time_range.start, e.time_range.end) for e in prof.events()
+                   if getattr(e, "device_type", None) == DeviceType.CUDA)
+    if not spans:
+        return None
+    busy, end = 0.0, float("-inf")
+    for s, e in spans:
+        if e > end:
+            busy += e - max(s, end)
+            end = e
+    return round(min(1.0, busy / wall_us), 3)
+
+
+def bench_config(engine: Any, models: dict[str, Any], frames: list[Image.Image], boxes: list[torch.Tensor],
+                 batch_size: int, inputs: str, warmup: int, batches: int, busy: bool) -> dict[str, Any]:
+    detector, binary, classifier = models["detector"], models["binary"], models["classifier"]
+    pool = frames if inputs == "pil" else [engine.host_tensor(f) for f in frames]
+    state = {"i": 0}
+
+    def run_batch() -> Any:
+        picks = [(state["i"] + k) % len(pool) for k in range(batch_size)]
+        state["i"] += batch_size
+        detector.module.boxes = [boxes[p] for p in picks]
+        return engine.run([pool[p] for p in picks], classifier, detector=detector, binary=binary)
+
+    for _ in range(warmup):
+        run_batch()
+    if engine.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(engine.device)
+    stage_totals: dict[str, float] = {}
+    crops = 0
+    with SmiSampler(engine.device.index or 0) if engine.device.type == "cuda" else _null() as smi:
+        start = time.perf_counter()
+        for _ in range(batches):
+            out = run_batch()
+            crops += len(out.boxes)
+            for stage, seconds in out.timings.items():
+                stage_totals[stage] = stage_totals.get(stage, 0.0) + seconds
+        wall = time.perf_counter() - start
+    result = {
+        "precision": engine.precision, "batch_size": batch_size, "inputs": inputs,
+        "images_per_s": round(batches * batch_size / wall, 2),
+        "batch_s": round(wall / batches, 4),
+        "stage_s_per_batch": {k: round(v / batches, 4) for k, v in stage_totals.items()},
+        "crops_per_image": round(crops / (batches * batch_size), 1),
+    }
+    if engine.device.type == "cuda":
+        result["gpu_util_nvidia_smi"] = smi.mean()
+        result["max_memory_gb"] = round(torch.cuda.max_memory_allocated(engine.device) / 2**30, 2)
+        if busy:
+            result["gpu_busy_fraction"] = gpu_busy_fraction(run_batch)
+    return result
+
+
+class _null:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--cpu", action="store_true", help="run on the CPU (default size 640x480, fp32)")
+    parser.add_argument("--small", action="store_true", help="tiny smoke run: small frames, small detector input, 1 batch")
+    parser.add_argument("--pipeline", default="panama_moths_2024")
+    parser.add_argument("--size", help="WIDTHxHEIGHT (default 4096x2160 on GPU, 640x480 on CPU)")
+    parser.add_argument("--batch-sizes", help="comma separated (default 8,16 on GPU, 4 on CPU)")
+    parser.add_argument("--precisions", help="comma separated of fp32,bf16,fp16 (default fp32,bf16 on GPU)")
+    parser.add_argument("--moths", type=int, default=40, help="moths per frame; their size scales with the frame")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--batches", type=int, help="timed batches per configuration (default 5 GPU, 3 CPU)")
+    parser.add_argument("--budget-s", type=float, default=200.0, help="skip remaining configurations after this long")
+    parser.add_argument("--out", default=os.environ.get("OUT"), help="directory for gpu_bench.json (default $OUT)")
+    args = parser.parse_args()
+
+    started = time.perf_counter()
+    device = "cpu" if args.cpu else "cuda"
+    if device == "cuda" and not torch.cuda.is_available():
+        parser.error("no CUDA device; use --cpu")
+    width, height = map(int, (args.size or ("640x480" if args.cpu else "4096x2160")).lower().split("x"))
+    if args.small:
+        width, height = min(width, 320), min(height, 240)
+    batch_sizes = [int(b) for b in (args.batch_sizes or ("2" if args.small else "4" if args.cpu else "8,16")).split(",")]
+    precisions = (args.precisions or ("fp32" if args.cpu else "fp32,bf16")).split(",")
+    moths = 3 if args.small else args.moths
+    batches = args.batches or (1 if args.small else 3 if args.cpu else 5)
+    warmup = 1 if args.small else args.warmup
+
+    pipeline = registry.get_pipeline(args.pipeline)
+    if args.small:
+        pipeline = dataclasses.replace(pipeline, detector=dataclasses.replace(pipeline.detector, min_size=160, max_size=224))
+    weights_dir = Path(tempfile.mkdtemp(prefix="ami-bench-weights-"))
+    report: dict[str, Any] = {
+        "device": torch.cuda.get_device_name(0) if device == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
+        "versions": {"torch": torch.__version__, "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version()},
+        "pipeline": pipeline.slug, "image_size": [width, height], "moths_per_frame": moths,
+        "detector_input": [pipeline.detector.min_size, pipeline.detector.max_size],
+        "method": "random weights of the real architectures; detector runs fully, its boxes are replaced by the "
+                  "drawn moths'; the moth filter is biased so every crop reaches the species model",
+        "configs": [],
+    }
+    out_path = Path(args.out) / "gpu_bench.json" if args.out else None
+    try:
+        t = time.perf_counter()
+        write_weights(pipeline, weights_dir, species_classes=None if not args.small else 20)
+        frames, boxes = synth_frames(max(batch_sizes) if not args.small else 2, width, height, moths)
+        report["setup_s"] = round(time.perf_counter() - t, 1)
+        print(f"setup {report['setup_s']}s: {len(frames)} frames {width}x{height}, {moths} moths each", flush=True)
+        for precision in precisions:
+            engine = engine_mod.Engine(weights_dir, device=device, precision=precision)
+            models = {"detector": engine.load_detector(pipeline.detector),
+                      "binary": engine.load_classifier(pipeline.binary) if pipeline.binary else None,
+                      "classifier": engine.load_classifier(pipeline.classifier)}
+            models["detector"].module = InjectBoxes(models["detector"].module)
+            input_kinds = ["pil", "pinned"] if device == "cuda" and precision != "fp32" else ["pil"]
+            for batch_size in batch_sizes:
+                for inputs in input_kinds:
+                    if time.perf_counter() - started > args.budget_s:
+                        report.setdefault("skipped", []).append(f"{precision}/{batch_size}/{inputs}")
+                        continue
+                    result = bench_config(engine, models, frames, boxes, batch_size, inputs, warmup, batches,
+                                          busy=device == "cuda")
+                    report["configs"].append(result)
+                    print(json.dumps(result), flush=True)
+                    _write(out_path, report)
+            del engine, models
+            if device == "cuda":
+                torch.cuda.empty_cache()
+    finally:
+        shutil.rmtree(weights_dir, ignore_errors=True)
+        report["total_s"] = round(time.perf_counter() - started, 1)
+        _write(out_path, report)
+    print(json.dumps({k: v for k, v in report.items() if k != "configs"}, indent=1))
+    return 0
+
+
+def _write(path: Path | None, report: dict[str, Any]) -> None:
+    if path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
