@@ -49,6 +49,7 @@ log = logging.getLogger(__name__)
 API_PREFIX = "/api/v2"
 DEFAULT_PAGE_SIZE = 100
 HOUSEKEEPING_INTERVAL_S = 1.0
+HOUSEKEEPING_STOP_TIMEOUT_S = 5.0  # a round blocked on a NATS call gives up after its 5 s timeout
 MAX_BODY_BYTES = 32 * 1024 * 1024
 BODY_METHODS = ("POST", "PUT", "PATCH")
 
@@ -96,8 +97,9 @@ def create_app(
         try:
             yield
         finally:
+            antenna.plane.stop_housekeeping()
+            await asyncio.wait({housekeeping}, timeout=HOUSEKEEPING_STOP_TIMEOUT_S)
             housekeeping.cancel()
-            await asyncio.gather(housekeeping, return_exceptions=True)
             await antenna.plane.close()
 
     app = FastAPI(title="antenna-flows local Antenna", lifespan=lifespan)

@@ -88,6 +88,7 @@ class JobPlane:
         self.queue: JobQueue | None = None
         self._finishing: set[int] = set()
         self._gone_reported: set[int] = set()
+        self._stopping = asyncio.Event()
 
     async def connect(self) -> None:
         self.queue = await JobQueue.connect(self.nats_url, self.queue_config, name="antenna-flows-api")
@@ -124,8 +125,7 @@ class JobPlane:
                 max_deliver=self.queue_config.max_deliver,
             )
         except Conflict as exc:
-            field = "id" if "job" in str(exc) else "images"
-            raise BadRequest({field: [str(exc)]}) from exc
+            raise BadRequest({exc.field: [str(exc)]}) from exc
         log.info("job %s created: %d images, pipeline %s, priority %s", job.id, job.total, job.pipeline_slug, job.priority)
         if not request.start:
             return job
@@ -313,12 +313,25 @@ class JobPlane:
     # --- housekeeping ----------------------------------------------------------------------
 
     async def housekeeping(self, interval_s: float) -> None:
-        while True:
-            await asyncio.sleep(interval_s)
+        """Run :meth:`housekeep` every ``interval_s`` until :meth:`stop_housekeeping`.
+
+        Stopped by a flag, not by cancellation alone: nats-py swallows a
+        CancelledError that lands while it flushes a publish
+        (``Client._flush_pending``), which would leave this loop running forever.
+        """
+        while not self._stopping.is_set():
+            try:
+                await asyncio.wait_for(self._stopping.wait(), interval_s)
+                return
+            except asyncio.TimeoutError:
+                pass
             try:
                 await self.housekeep()
             except Exception:  # noqa: BLE001 - the loop must outlive any one bad round
                 log.exception("API housekeeping round failed")
+
+    def stop_housekeeping(self) -> None:
+        self._stopping.set()
 
     async def housekeep(self) -> None:
         """One round: dead letters to error results, statistics samples, retried cleanups."""

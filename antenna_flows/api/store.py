@@ -116,7 +116,11 @@ CREATE TABLE IF NOT EXISTS counters (
 
 
 class Conflict(ValueError):
-    """The request clashes with what is stored (a job id or image id already taken)."""
+    """The request clashes with what is stored; ``field`` names the part of the request at fault."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(message)
+        self.field = field
 
 
 @dataclass(frozen=True)
@@ -218,10 +222,10 @@ class Store:
             if job_id is None:
                 job_id = db.execute("SELECT COALESCE(MAX(id), 0) + 1 FROM jobs").fetchone()[0]
             elif db.execute("SELECT 1 FROM jobs WHERE id = ?", (job_id,)).fetchone():
-                raise Conflict(f"job {job_id} already exists")
+                raise Conflict("id", f"job {job_id} already exists")
             given = [image_id for image_id, _ in images if image_id is not None]
             if len(set(given)) != len(given):
-                raise Conflict("image ids repeat within the job")
+                raise Conflict("images", "image ids repeat within the job")
             numeric = [int(i) for i in given if i.isdigit()]
             next_pk = self._counter(db, "image_pk")
             if numeric:

@@ -1,0 +1,321 @@
+"""The ``antenna-flows`` command.
+
+Every setting is an option: :func:`add_settings_arguments` turns each field
+of a settings class into ``--kebab-name`` with its description, default and
+environment variable in ``--help``, and :func:`settings_from_args` builds the
+settings from environment and ``.env`` overridden by the options given.
+
+A subcommand is one ``add_<name>(subparsers)`` function that configures its
+parser and sets ``func``; :data:`SUBCOMMANDS` lists them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+import time
+import types
+import typing
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import httpx
+from pydantic import Field, ValidationError
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from antenna_flows.api.admin import AntennaAdmin, AntennaError
+from antenna_flows.api.models import Job
+from antenna_flows.settings import DEFAULT_API_URL, DEFAULT_TOKEN, ENV_PREFIX, ApiSettings, QueueSettings
+
+log = logging.getLogger("antenna_flows.cli")
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+DEFAULT_PIPELINE = "panama_moths_2024"
+DEFAULT_NATS_PORT = 4222  # the worker's default nats_url: devstack + worker work with no configuration
+
+
+class ClientSettings(BaseSettings):
+    """Which Antenna API a client command talks to (the same variables as the worker's)."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, env_file=".env", extra="ignore")
+
+    antenna_api_url: str = Field(DEFAULT_API_URL, description="Base URL of the Antenna API (ending in /api/v2).")
+    antenna_api_token: str = Field(DEFAULT_TOKEN, description="API token (sent as 'Authorization: Token ...').")
+
+
+CLIENT_ALIASES = {"antenna_api_url": ["--api-url"], "antenna_api_token": ["--token"]}
+
+
+# --- settings as options ----------------------------------------------------------------------
+
+
+def add_settings_arguments(
+    parser: argparse.ArgumentParser,
+    settings_cls: type[BaseSettings],
+    aliases: dict[str, Sequence[str]] | None = None,
+) -> None:
+    """One ``--kebab-name`` option per field of ``settings_cls`` (default None: "not given").
+
+    A field another settings class already added to this parser is skipped,
+    so two classes sharing a field share its option.
+    """
+    group = parser.add_argument_group(f"{settings_cls.__name__} (environment {ENV_PREFIX}*, .env)")
+    for name, field in settings_cls.model_fields.items():
+        flags = [f"--{name.replace('_', '-')}", *(aliases or {}).get(name, ())]
+        if any(flag in parser._option_string_actions for flag in flags):  # noqa: SLF001 - argparse has no public lookup
+            continue
+        default = field.get_default(call_default_factory=True)
+        env = f"{ENV_PREFIX}{name.upper()}"
+        text = f"{field.description or name} (default: {_shown(default)}; env {env})".replace("%", "%%")
+        kwargs: dict[str, Any] = {"dest": name, "default": None, "help": text}
+        annotation = _unoptional(field.annotation)
+        if annotation is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif typing.get_origin(annotation) is typing.Literal:
+            kwargs["choices"] = [str(c) for c in typing.get_args(annotation)]
+        else:
+            kwargs["metavar"] = _metavar(annotation)
+        group.add_argument(*flags, **kwargs)
+
+
+def settings_from_args(settings_cls: type[BaseSettings], args: argparse.Namespace) -> Any:
+    """``settings_cls`` from environment and .env, overridden by the options given on the command line."""
+    given = {name: getattr(args, name) for name in settings_cls.model_fields if getattr(args, name, None) is not None}
+    return settings_cls(**given)
+
+
+def _unoptional(annotation: Any) -> Any:
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType) and len(args) == 1:
+        return args[0]
+    return annotation
+
+
+def _metavar(annotation: Any) -> str:
+    if annotation in (int, float, str):
+        return annotation.__name__.upper()
+    if annotation is Path:
+        return "PATH"
+    if typing.get_origin(annotation) is list:
+        return "A,B"
+    return "VALUE"
+
+
+def _shown(value: Any) -> str:
+    if isinstance(value, list):
+        return ",".join(map(str, value)) or "none"
+    return "unset" if value is None else str(value)
+
+
+# --- devstack -------------------------------------------------------------------------------------
+
+
+def add_devstack(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "devstack",
+        help="Run NATS JetStream and the local Antenna API in the foreground.",
+        description="Start an embedded nats-server (unless --nats-url is given) and the Antenna-compatible API, "
+        "print where they are, and run until Ctrl-C. State lives in --data-dir and survives restarts.",
+    )
+    add_settings_arguments(parser, QueueSettings)
+    add_settings_arguments(parser, ApiSettings)
+    parser.add_argument(
+        "--nats-port", type=int, default=DEFAULT_NATS_PORT, help="Port of the embedded nats-server (0: any free port)."
+    )
+    parser.set_defaults(func=run_devstack)
+
+
+def run_devstack(args: argparse.Namespace) -> int:
+    from antenna_flows.devstack import DevStack  # uvicorn and FastAPI only for the commands that serve
+
+    queue: QueueSettings = settings_from_args(QueueSettings, args)
+    api: ApiSettings = settings_from_args(ApiSettings, args)
+    stack = DevStack(queue, api, nats_port=args.nats_port)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    with stack:
+        print(_devstack_banner(stack), flush=True)
+        try:
+            while not stop.wait(0.5):
+                pass
+        except KeyboardInterrupt:
+            pass
+        print("stopping...", flush=True)
+    return 0
+
+
+def _devstack_banner(stack: Any) -> str:
+    q = stack.queue_settings
+    env = f"AMI_ANTENNA_API_URL={stack.api_url} AMI_ANTENNA_API_TOKEN={stack.token} AMI_NATS_URL={stack.nats_url}"
+    return "\n".join(
+        [
+            "antenna-flows devstack is up (Ctrl-C to stop)",
+            f"  API      {stack.api_url}",
+            f"  token    {stack.token}   (header  Authorization: Token {stack.token})",
+            f"  NATS     {stack.nats_url}",
+            f"  images   {stack.base_url}/images/demo/640x480/example.jpg",
+            f"  data     {stack.store.path}",
+            f"  queue    ack_wait {q.nats_task_ttr:g}s, max_deliver {q.nats_max_deliver},"
+            f" max_ack_pending {q.nats_max_ack_pending} (for new jobs)",
+            "next:",
+            f"  antenna-flows submit --api-url {stack.api_url} --images 20",
+            f"  antenna-flows jobs --api-url {stack.api_url}",
+            f"  curl -H 'Authorization: Token {stack.token}' '{stack.api_url}/jobs/?ids_only=1&incomplete_only=1'",
+            f"  workers elsewhere: {env}",
+        ]
+    )
+
+
+# --- submit -----------------------------------------------------------------------------------------
+
+
+def add_submit(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "submit",
+        help="Create a job from N demo images or a file of image URLs.",
+        description="Create (and start) a job on the local API: N synthetic frames it serves itself, "
+        "or the URLs in a file (one per line, '#' comments).",
+    )
+    add_settings_arguments(parser, ClientSettings, CLIENT_ALIASES)
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("-n", "--images", type=int, default=10, metavar="N", help="Number of demo images (default 10).")
+    source.add_argument("--urls-file", type=Path, metavar="PATH", help="File of image URLs, one per line.")
+    parser.add_argument("--pipeline", default=DEFAULT_PIPELINE, help=f"Pipeline slug (default {DEFAULT_PIPELINE}).")
+    parser.add_argument("--priority", type=int, default=0, help="Job priority, higher first (default 0).")
+    parser.add_argument("--missing", type=int, default=0, help="Demo images that answer 404 (default 0).")
+    parser.add_argument("--corrupt", type=int, default=0, help="Demo images that are truncated JPEGs (default 0).")
+    parser.add_argument("--width", type=int, default=640, help="Demo image width (default 640).")
+    parser.add_argument("--height", type=int, default=480, help="Demo image height (default 480).")
+    parser.add_argument("--job-id", type=int, help="Job id (default: the next free one).")
+    parser.add_argument("--name", help="Job name.")
+    parser.add_argument("--no-start", dest="start", action="store_false", help="Create the job without queueing its tasks.")
+    parser.set_defaults(func=run_submit)
+
+
+def run_submit(args: argparse.Namespace) -> int:
+    client: ClientSettings = settings_from_args(ClientSettings, args)
+    images: int | list[str] = args.images
+    if args.urls_file is not None:
+        lines = (line.strip() for line in args.urls_file.read_text().splitlines())
+        images = [line for line in lines if line and not line.startswith("#")]
+    with AntennaAdmin(client.antenna_api_url, client.antenna_api_token) as admin:
+        job = admin.create_job(
+            args.pipeline,
+            images,
+            priority=args.priority,
+            job_id=args.job_id,
+            name=args.name,
+            start=args.start,
+            width=args.width,
+            height=args.height,
+            missing=args.missing,
+            corrupt=args.corrupt,
+        )
+    print(f"job {job.id} {job.status}: {job.total} images, pipeline {job.pipeline_slug}, priority {job.priority}")
+    return 0
+
+
+# --- jobs -----------------------------------------------------------------------------------------------
+
+JOB_COLUMNS: list[tuple[str, Callable[[Job], Any]]] = [
+    ("id", lambda j: j.id),
+    ("pipeline", lambda j: j.pipeline_slug),
+    ("priority", lambda j: j.priority),
+    ("status", lambda j: j.status),
+    ("msgs", lambda j: j.messages),
+    ("pending", lambda j: j.pending),
+    ("ack_pending", lambda j: j.ack_pending),
+    ("redelivered", lambda j: j.redelivered),
+    ("redeliveries", lambda j: j.redeliveries),
+    ("results", lambda j: j.results),
+    ("errors", lambda j: j.errors),
+    ("duplicates", lambda j: j.duplicates),
+    ("total", lambda j: j.total),
+]
+
+
+def format_jobs_table(jobs: Sequence[Job]) -> str:
+    """The field report's per-job table, plus cumulative redeliveries, results, errors and duplicates."""
+    rows = [[h for h, _ in JOB_COLUMNS]] + [[str(get(j)) for _, get in JOB_COLUMNS] for j in jobs]
+    widths = [max(len(row[c]) for row in rows) for c in range(len(JOB_COLUMNS))]
+    lines = []
+    for row in rows:
+        cells = [cell.ljust(w) if c in (1, 3) else cell.rjust(w) for c, (cell, w) in enumerate(zip(row, widths))]
+        lines.append("  ".join(cells).rstrip())
+    return "\n".join(lines)
+
+
+def add_jobs(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "jobs",
+        help="Per-job table: NATS counts (msgs, pending, ack_pending, redelivered) and results.",
+        description="One row per job, oldest first. NATS counts are sampled every second while a job is active "
+        "and frozen at its completion or cancellation.",
+    )
+    add_settings_arguments(parser, ClientSettings, CLIENT_ALIASES)
+    parser.add_argument("--incomplete", action="store_true", help="Only jobs not yet SUCCESS, FAILURE or REVOKED.")
+    parser.add_argument("--pipeline", action="append", help="Only jobs of this pipeline (repeatable).")
+    parser.add_argument("--watch", type=float, metavar="SECONDS", help="Redraw every SECONDS until Ctrl-C.")
+    parser.set_defaults(func=run_jobs)
+
+
+def run_jobs(args: argparse.Namespace) -> int:
+    client: ClientSettings = settings_from_args(ClientSettings, args)
+    with AntennaAdmin(client.antenna_api_url, client.antenna_api_token) as admin:
+        while True:
+            jobs = sorted(admin.jobs(incomplete_only=args.incomplete, pipelines=args.pipeline), key=lambda j: j.id)
+            table = format_jobs_table(jobs) if jobs else "no jobs"
+            if not args.watch:
+                print(table)
+                return 0
+            print(f"\x1b[2J\x1b[H{time.strftime('%H:%M:%S')}  {client.antenna_api_url}\n{table}", flush=True)
+            try:
+                time.sleep(args.watch)
+            except KeyboardInterrupt:
+                return 0
+
+
+# --- the command ----------------------------------------------------------------------------------------
+
+# Lead: add `demo`, `worker`, `bench` and `register` here, each as an add_<name>(subparsers)
+# function like the ones above (configure the parser, set_defaults(func=run_<name>)).
+SUBCOMMANDS: list[Callable[[Any], None]] = [add_devstack, add_submit, add_jobs]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="antenna-flows",
+        description="Fair GPU workers for the AMI Antenna platform, and a local Antenna to run them against.",
+    )
+    parser.add_argument("--log-level", default="INFO", help="Logging level (default INFO).")
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in SUBCOMMANDS:
+        add(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format=LOG_FORMAT)
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request drowns everything else
+    try:
+        return args.func(args)
+    except ValidationError as exc:
+        parser.error(f"invalid settings: {_validation_summary(exc)}")
+    except AntennaError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+    except httpx.TransportError as exc:
+        print(f"error: cannot reach the API ({exc}); is `antenna-flows devstack` running?", file=sys.stderr)
+    return 1
+
+
+def _validation_summary(exc: ValidationError) -> str:
+    return "; ".join(f"--{'.'.join(map(str, e['loc'])).replace('_', '-')}: {e['msg']}" for e in exc.errors())
+
+
+if __name__ == "__main__":
+    sys.exit(main())

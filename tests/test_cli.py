@@ -1,0 +1,130 @@
+"""The CLI: every setting is an option, and submit/jobs/devstack work against a live stack."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+
+from antenna_flows.api.models import Job
+from antenna_flows.cli import add_settings_arguments, build_parser, format_jobs_table, main, settings_from_args
+from antenna_flows.devstack import DevStack
+from antenna_flows.settings import ApiSettings, QueueSettings, WorkerSettings
+
+
+@pytest.mark.parametrize("settings_cls", [QueueSettings, ApiSettings, WorkerSettings])
+def test_every_setting_is_an_option_with_its_help(settings_cls) -> None:
+    parser = argparse.ArgumentParser()
+    add_settings_arguments(parser, settings_cls)
+    text = " ".join(parser.format_help().split())
+    for name, field in settings_cls.model_fields.items():
+        assert f"--{name.replace('_', '-')}" in text, name
+        assert f"env AMI_{name.upper()}" in text, name
+        assert " ".join((field.description or "").split())[:40] in text, name
+
+
+def test_options_override_environment_which_overrides_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AMI_NATS_TASK_TTR", "7")
+    monkeypatch.setenv("AMI_NATS_MAX_DELIVER", "3")
+    parser = argparse.ArgumentParser()
+    add_settings_arguments(parser, QueueSettings)
+    add_settings_arguments(parser, WorkerSettings)  # shares nats_url with QueueSettings: one option
+    args = parser.parse_args(
+        ["--nats-task-ttr", "9.5", "--nats-url", "nats://h:1", "--pipelines", "a,b", "--allow-weight-download",
+         "--model-kind", "sim"]
+    )
+    queue = settings_from_args(QueueSettings, args)
+    assert (queue.nats_task_ttr, queue.nats_max_deliver, queue.nats_max_ack_pending) == (9.5, 3, 1000)
+    worker = settings_from_args(WorkerSettings, args)
+    assert (worker.nats_url, worker.pipelines, worker.allow_weight_download, worker.model_kind) == (
+        "nats://h:1", ["a", "b"], True, "sim"
+    )
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--model-kind", "gpu"])
+
+
+def test_invalid_setting_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        main(["devstack", "--nats-max-deliver", "0"])
+    assert exit_.value.code == 2
+    assert "--nats-max-deliver" in capsys.readouterr().err
+
+
+def test_jobs_table_lines_up() -> None:
+    base = dict(name="j", project_id=1, dispatch_mode="async_api", ack_wait_s=30, max_deliver=2, created_at=0)
+    jobs = [
+        Job(id=202, pipeline_slug="panama_moths_2024", status="STARTED", total=10, messages=10, ack_pending=8,
+            redelivered=8, redeliveries=8, **base),
+        Job(id=3, pipeline_slug="moth_binary", status="SUCCESS", priority=5, total=500, results=498, errors=2, **base),
+    ]
+    lines = format_jobs_table(jobs).splitlines()
+    assert lines[0].split() == ["id", "pipeline", "priority", "status", "msgs", "pending", "ack_pending", "redelivered",
+                                "redeliveries", "results", "errors", "duplicates", "total"]
+    assert lines[1].split() == ["202", "panama_moths_2024", "0", "STARTED", "10", "0", "8", "8", "8", "0", "0", "0", "10"]
+    assert len({line.index("STARTED") if "STARTED" in line else line.index("SUCCESS") for line in lines[1:]}) == 1
+
+
+def test_submit_and_jobs_against_a_stack(stack: DevStack, tmp_path, capsys: pytest.CaptureFixture[str]) -> None:
+    client = ["--api-url", stack.api_url, "--token", stack.token]
+    assert main(["submit", *client, "-n", "12", "--missing", "1", "--corrupt", "1", "--priority", "4"]) == 0
+    assert capsys.readouterr().out.strip() == "job 1 STARTED: 12 images, pipeline panama_moths_2024, priority 4"
+    urls = tmp_path / "urls.txt"
+    urls.write_text(f"# two frames\n{stack.base_url}/images/demo/64x48/a.jpg\n\n{stack.base_url}/images/missing/b.jpg\n")
+    assert main(["submit", *client, "--urls-file", str(urls), "--pipeline", "moth_binary", "--job-id", "40"]) == 0
+    assert stack.store.job(1).priority == 4
+    assert sum("/corrupt/" in i.url for i in stack.store.images(1)) == 1
+    assert [i.url.rsplit("/", 1)[1] for i in stack.store.images(40)] == ["a.jpg", "b.jpg"]
+    capsys.readouterr()
+
+    assert main(["jobs", *client]) == 0
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()]
+    assert [(r[0], r[1], r[2], r[3], r[-1]) for r in rows[1:]] == [
+        ("1", "panama_moths_2024", "4", "STARTED", "12"),
+        ("40", "moth_binary", "0", "STARTED", "2"),
+    ]
+    assert main(["submit", *client, "--job-id", "40"]) == 1  # the API's 400, reported
+    assert "already exists" in capsys.readouterr().err
+    assert main(["jobs", "--api-url", stack.api_url, "--token", "nope"]) == 1
+    assert "401" in capsys.readouterr().err
+
+
+def test_jobs_without_an_api_says_so(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["jobs", "--api-url", "http://127.0.0.1:9/api/v2"]) == 1
+    assert "antenna-flows devstack" in capsys.readouterr().err
+
+
+def test_devstack_command_serves_until_terminated(tmp_path) -> None:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "antenna_flows.cli", "devstack", "--api-port", "0", "--nats-port", "0",
+         "--data-dir", str(tmp_path), "--api-token", "cli-token"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    try:
+        banner: dict[str, str] = {}
+        deadline = time.monotonic() + 30
+        while "NATS" not in banner:
+            assert time.monotonic() < deadline and proc.poll() is None, "devstack did not come up"
+            words = proc.stdout.readline().split()
+            if len(words) >= 2 and words[0] in ("API", "token", "NATS"):
+                banner[words[0]] = words[1]
+        assert banner["token"] == "cli-token" and banner["NATS"].startswith("nats://127.0.0.1:")
+        response = httpx.get(f"{banner['API']}/jobs/", headers={"Authorization": "Token cli-token"})
+        assert response.status_code == 200 and response.json()["count"] == 0
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(15) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert (tmp_path / "antenna.sqlite3").exists() and (tmp_path / "nats").is_dir()
+
+
+def test_help_lists_the_commands() -> None:
+    text = build_parser().format_help()
+    for command in ("devstack", "submit", "jobs"):
+        assert command in text
