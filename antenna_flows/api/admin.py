@@ -37,9 +37,10 @@ def base_url_of(api_url: str) -> str:
 
 def job_body(
     pipeline: str,
-    images: int | Sequence[str] | Sequence[dict[str, Any]],
+    images: int | Sequence[str] | Sequence[dict[str, Any]] = 10,
     *,
     base_url: str,
+    image_urls: Sequence[str] | None = None,
     priority: int = 0,
     job_id: int | None = None,
     name: str | None = None,
@@ -51,17 +52,30 @@ def job_body(
     missing: int = 0,
     corrupt: int = 0,
 ) -> dict[str, Any]:
-    """The ``POST /jobs/`` body: ``images`` is a count of demo frames, a list of URLs, or ``{url, id}`` dicts."""
-    if isinstance(images, int):
+    """The ``POST /jobs/`` body.
+
+    ``images``: a count of demo frames (``width`` x ``height``, ``missing`` and
+    ``corrupt`` of them broken), a list of URLs, or ``{url, id}`` dicts;
+    ``image_urls``, when given, is used instead (the API field of that name).
+    """
+    if image_urls is not None:
+        listing: dict[str, Any] = {"image_urls": list(image_urls)}
+    elif isinstance(images, int):
         prefix = f"job{job_id}" if job_id is not None else "frame"
         urls = demo_image_urls(base_url, images, width, height, missing=missing, corrupt=corrupt, prefix=prefix)
-        listing: dict[str, Any] = {"image_urls": urls}
+        listing = {"image_urls": urls}
     elif images and isinstance(images[0], dict):
         listing = {"images": list(images)}
     else:
         listing = {"image_urls": list(images)}
-    body = {"pipeline": pipeline, "priority": priority, "project_id": project_id, "start": start, **listing}
-    body["dispatch_mode"] = dispatch_mode
+    body = {
+        "pipeline": pipeline,
+        "priority": priority,
+        "project_id": project_id,
+        "start": start,
+        "dispatch_mode": dispatch_mode,
+        **listing,
+    }
     if job_id is not None:
         body["id"] = job_id
     if name is not None:

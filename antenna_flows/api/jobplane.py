@@ -31,7 +31,7 @@ from nats.aio.msg import Msg
 from nats.js.errors import APIError
 
 from antenna_flows.api.drf import BadRequest, add_error
-from antenna_flows.api.models import Job, JobCreate
+from antenna_flows.api.models import CREATED, Job, JobCreate
 from antenna_flows.api.store import Conflict, ImageRecord, NewResult, Store
 from antenna_flows.jobqueue import (
     ADVISORY_STREAM,
@@ -137,7 +137,7 @@ class JobPlane:
 
     async def run_job(self, job: Job) -> Job:
         """Start a CREATED job (Antenna's ``/jobs/{id}/run/``); any other state is left as is."""
-        if job.status != "CREATED":
+        if job.status != CREATED:
             return job
         return await self._start(job, self.store.images(job.id))
 

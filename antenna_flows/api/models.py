@@ -14,6 +14,16 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 SLUG_PATTERN = r"^[-a-zA-Z0-9_]+$"  # Django's slug validator
 
+# Antenna's job states (Celery's names) and dispatch modes
+CREATED = "CREATED"
+STARTED = "STARTED"
+RETRY = "RETRY"
+SUCCESS = "SUCCESS"
+FAILURE = "FAILURE"
+REVOKED = "REVOKED"
+ACTIVE_STATES = (STARTED, RETRY)
+FINAL_STATES = (SUCCESS, FAILURE, REVOKED)
+
 
 class Job(BaseModel):
     """A job with its progress and its consumer's statistics.
@@ -62,11 +72,11 @@ class Job(BaseModel):
 
     @property
     def active(self) -> bool:
-        return self.status in ("STARTED", "RETRY")
+        return self.status in ACTIVE_STATES
 
     @property
     def final(self) -> bool:
-        return self.status in ("SUCCESS", "FAILURE", "REVOKED")
+        return self.status in FINAL_STATES
 
 
 class ImageRef(BaseModel):

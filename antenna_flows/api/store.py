@@ -25,18 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Literal, Sequence
 
-from antenna_flows.api.models import Job
+from antenna_flows.api.models import ACTIVE_STATES, CREATED, FINAL_STATES, REVOKED, STARTED, SUCCESS, Job
 from antenna_flows.jobqueue import ConsumerStats
-
-CREATED = "CREATED"
-STARTED = "STARTED"
-RETRY = "RETRY"
-SUCCESS = "SUCCESS"
-FAILURE = "FAILURE"
-REVOKED = "REVOKED"
-ACTIVE_STATES = (STARTED, RETRY)
-FINAL_STATES = (SUCCESS, FAILURE, REVOKED)
-DISPATCH_MODES = ("async_api", "sync_api", "internal")
 
 ResultKind = Literal["ok", "error"]
 
@@ -226,7 +216,7 @@ class Store:
             given = [image_id for image_id, _ in images if image_id is not None]
             if len(set(given)) != len(given):
                 raise Conflict("images", "image ids repeat within the job")
-            numeric = [int(i) for i in given if i.isdigit()]
+            numeric = [int(i) for i in given if i.isascii() and i.isdigit()]
             next_pk = self._counter(db, "image_pk")
             if numeric:
                 next_pk = max(next_pk, max(numeric) + 1)
