@@ -4,7 +4,11 @@
 Runs the real architectures with random weights (written to a temporary weights directory in
 the published formats and loaded through the worker's own loading code; nothing downloads)
 on synthetic trap frames: a light sheet with dark, moth-sized ellipses. Reports images/s,
-seconds per stage and how busy the GPU was, for each precision x batch size x input kind.
+seconds per stage and how busy the GPU was, for each precision x batch size x input kind
+("pil": PIL images converted on the inference thread, as the worker passes them now;
+"pinned": tensors prepared beforehand, as ``AmiModel.host_tensor`` does in a loader thread).
+"to_lists" is the conversion of every score and logit to Python floats that building the
+Antenna results needs (the pydantic objects themselves are not built here).
 
 Detections are injected: random detector weights find arbitrary boxes, so the detector runs
 in full (its time is real) but its output is replaced by the drawn moths' boxes, and the moth
@@ -180,6 +184,11 @@ def bench_config(engine: Any, models: dict[str, Any], frames: list[Image.Image],
         start = time.perf_counter()
         for _ in range(batches):
             out = run_batch()
+            lists_start = time.perf_counter()
+            for stage in (out.binary, out.terminal):  # what AmiModel does to build the results
+                if stage is not None:
+                    stage.scores.tolist(), stage.logits.tolist()
+            out.timings["to_lists"] = time.perf_counter() - lists_start
             crops += len(out.boxes)
             for stage, seconds in out.timings.items():
                 stage_totals[stage] = stage_totals.get(stage, 0.0) + seconds
@@ -197,6 +206,35 @@ def bench_config(engine: Any, models: dict[str, Any], frames: list[Image.Image],
         if busy:
             result["gpu_busy_fraction"] = gpu_busy_fraction(run_batch)
     return result
+
+
+def decode_costs(frame: Image.Image, device: str, count: int) -> dict[str, float]:
+    """ms per image to get one JPEG frame (quality 90) into a uint8 tensor, three ways: what the
+    worker's loader does now (PIL decode + conversion), torchvision's CPU decoder, and nvjpeg on
+    the GPU for a batch of ``count`` frames. Informs where decoding should happen."""
+    import io  # noqa: PLC0415
+
+    from torchvision.io import decode_jpeg  # noqa: PLC0415
+
+    buffer = io.BytesIO()
+    frame.save(buffer, "JPEG", quality=90)
+    data = torch.frombuffer(bytearray(buffer.getvalue()), dtype=torch.uint8)
+
+    def ms(fn: Any, n: int, per: int = 1) -> float:
+        fn()
+        start = time.perf_counter()
+        for _ in range(n):
+            fn()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        return round((time.perf_counter() - start) * 1000 / (n * per), 2)
+
+    costs = {"jpeg_kib": len(data) // 1024,
+             "pil_decode_and_convert": ms(lambda: np.array(Image.open(io.BytesIO(buffer.getvalue())).convert("RGB")), 3),
+             "torchvision_cpu_decode": ms(lambda: decode_jpeg(data), 3)}
+    if device == "cuda":
+        costs["nvjpeg_batch_decode"] = ms(lambda: decode_jpeg([data] * count, device="cuda"), 3, count)
+    return costs
 
 
 class _null:
@@ -255,6 +293,8 @@ def main() -> int:
         frames, boxes = synth_frames(max(batch_sizes) if not args.small else 2, width, height, moths)
         report["setup_s"] = round(time.perf_counter() - t, 1)
         print(f"setup {report['setup_s']}s: {len(frames)} frames {width}x{height}, {moths} moths each", flush=True)
+        report["decode_ms_per_image"] = decode_costs(frames[0], device, max(batch_sizes))
+        print("decode ms/image", json.dumps(report["decode_ms_per_image"]), flush=True)
         for precision in precisions:
             engine = engine_mod.Engine(weights_dir, device=device, precision=precision)
             models = {"detector": engine.load_detector(pipeline.detector),

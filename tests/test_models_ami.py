@@ -207,6 +207,30 @@ def test_end_to_end_through_the_detector_with_mixed_sizes(model: AmiModel) -> No
     assert model.last_timings["detect"] > 0 and model.last_counts["detections"] == 3 * DETECTIONS_PER_IMAGE
 
 
+def test_tensor_inputs_match_pil_inputs(model: AmiModel) -> None:
+    image = painted((160, 120))
+    boxes = [[box for _, box in PAINT.values()]]
+    from_pil = model.predict("panama_moths_2024", [_input(0, image)])
+    from_tensor = model.predict("panama_moths_2024", [_input(0, model.host_tensor(image))])
+    assert from_pil[0].detections
+    assert _without(from_pil, {"timestamp", "inference_time", "total_time"}) == \
+        _without(from_tensor, {"timestamp", "inference_time", "total_time"})
+    assert model.predict_boxes("moth_binary", [_input(0, model.host_tensor(image))], boxes)[0].detections
+    with pytest.raises(ValueError, match="expected a"):
+        model.predict("moth_binary", [_input(0, torch.zeros(120, 160, 3, dtype=torch.uint8))])
+
+
+def _without(results: list[PipelineResultsResponse], keys: set[str]) -> list[dict]:
+    def scrub(value: object) -> object:
+        if isinstance(value, dict):
+            return {k: scrub(v) for k, v in value.items() if k not in keys}
+        if isinstance(value, list):
+            return [scrub(v) for v in value]
+        return value
+
+    return [scrub(r.model_dump()) for r in results]
+
+
 def test_pipelines_without_filter_classify_every_detection(model: AmiModel) -> None:
     boxes = [[box for _, box in PAINT.values()]]
     [binary_only] = model.predict_boxes("moth_binary", [_input(0, painted())], boxes)
