@@ -54,6 +54,7 @@ from antenna_flows.schemas import (
 log = logging.getLogger(__name__)
 
 FETCH_TIMEOUT_S = 0.5  # Antenna's /tasks fetch
+NATS_CONNECT_TIMEOUT_S = 5.0
 NATS_DOWN_ERRORS = (
     nats.errors.ConnectionClosedError,
     nats.errors.ConnectionReconnectingError,
@@ -91,7 +92,13 @@ class JobPlane:
         self._stopping = asyncio.Event()
 
     async def connect(self) -> None:
-        self.queue = await JobQueue.connect(self.nats_url, self.queue_config, name="antenna-flows-api")
+        """Connect once NATS answers (within NATS_CONNECT_TIMEOUT_S); from then on reconnect forever."""
+        try:
+            self.queue = await asyncio.wait_for(
+                JobQueue.connect(self.nats_url, self.queue_config, name="antenna-flows-api"), NATS_CONNECT_TIMEOUT_S
+            )
+        except asyncio.TimeoutError:
+            raise NatsUnavailable(f"NATS at {self.nats_url} did not answer within {NATS_CONNECT_TIMEOUT_S}s") from None
         log.info("API connected to NATS at %s", self.nats_url)
 
     async def close(self) -> None:
