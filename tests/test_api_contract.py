@@ -17,6 +17,7 @@ import pytest
 from nats.js.errors import NotFoundError
 from PIL import Image
 
+from antenna_flows.api.admin import AntennaError, AsyncAntennaAdmin
 from antenna_flows.devstack import DevStack
 from antenna_flows.jobqueue import ADVISORY_STREAM, JobQueue, consumer_name, dlq_name, parse_ack_subject, stream_name
 
@@ -532,3 +533,25 @@ def test_demo_images_are_served(stack: DevStack) -> None:
     assert corrupt.status_code == 200 and corrupt.headers["content-type"] == "image/jpeg"
     with pytest.raises(OSError):
         Image.open(io.BytesIO(corrupt.content)).load()
+
+
+async def test_async_admin_drives_a_job(stack: DevStack, api: httpx.Client) -> None:
+    async with AsyncAntennaAdmin(stack.api_url, stack.token) as admin:
+        job = await admin.create_job(PIPELINE, image_urls=[f"{stack.base_url}/images/demo/64x48/a.jpg"], priority=1)
+        assert [j.id for j in await admin.jobs(incomplete_only=True, pipelines=[PIPELINE])] == [job.id]
+        [task] = reserve(api, job.id)
+        answer(api, job.id, task)
+        done = await admin.wait_final(job.id, timeout=5)
+        assert (done.status, done.results, done.priority) == ("SUCCESS", 1, 1)
+        with pytest.raises(AntennaError) as missing:
+            await admin.job(12345)
+        assert missing.value.status == 404
+
+
+async def test_results_for_tasks_reserved_straight_from_jetstream(stack: DevStack, api: httpx.Client, nats_queue: JobQueue) -> None:
+    """The fair worker binds to the consumer itself; its reply subjects are as good as /tasks' ones."""
+    job = stack.create_job(PIPELINE, 2)
+    reservations = await nats_queue.reserve(job.id, 2)
+    tasks = [{**r.task.model_dump(), "reply_subject": r.reply_subject} for r in reservations]
+    assert post_results(api, job.id, *[(t["reply_subject"], success(t)) for t in tasks]).status_code == 200
+    assert stack.admin.job(job.id).status == "SUCCESS"

@@ -177,3 +177,15 @@ def test_concurrent_saves_from_threads_count_exactly(tmp_path) -> None:
     assert (job.results, job.duplicates, job.status) == (1, 199, "SUCCESS")
     store.close()
     assert Store(tmp_path / "db.sqlite3").job(job_id).duplicates == 199  # on disk
+
+
+def test_unstart_and_corrected_stream_seqs(store: Store) -> None:
+    job_id = started(store, 2)
+    store.record_stream_seqs(job_id, {"1": 2, "2": 1})  # a swap must not trip the (job, seq) uniqueness
+    assert store.images_by_seq(job_id, [1, 2]) == {1: "2", 2: "1"}
+    store.unstart_job(job_id)
+    job = store.job(job_id)
+    assert (job.status, job.started_at) == ("CREATED", None)
+    assert store.images_by_seq(job_id, [1, 2]) == {}
+    store.discard_job(job_id)
+    assert store.job(job_id) is None and store.images(job_id) == []

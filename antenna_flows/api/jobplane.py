@@ -149,8 +149,16 @@ class JobPlane:
         return await self._start(job, self.store.images(job.id))
 
     async def _start(self, job: Job, images: list[ImageRecord]) -> Job:
+        """Fresh stream and consumers, then the tasks, one per image in order (task k at stream seq k).
+
+        The job is STARTED with those expected sequences before the first
+        publish: a worker bound to the consumer may post a result before the
+        last task is out, and its reply subject must already find its image.
+        """
         queue = self._queue()
         started = time.perf_counter()
+        tasks = [PipelineProcessingTask(id=i.image_id, image_id=i.image_id, image_url=i.url) for i in images]
+        expected = {t.image_id: seq for seq, t in enumerate(tasks, start=1)}
         try:
             # A stream or advisories left under this id by an earlier life of the server
             # (an external NATS, a wiped database) belong to another job: drop them.
@@ -158,11 +166,15 @@ class JobPlane:
             await queue.delete_job(job.id)
             await queue.js.purge_stream(ADVISORY_STREAM, subject=max_deliveries_subject(job.id))
             await queue.create_job(job.id)
-            tasks = [PipelineProcessingTask(id=i.image_id, image_id=i.image_id, image_url=i.url) for i in images]
+            job = self.store.start_job(job.id, expected)
             seqs = await queue.publish_tasks(job.id, tasks)
         except NATS_DOWN_ERRORS as exc:
+            self.store.unstart_job(job.id)
             raise NatsUnavailable(f"NATS failed while starting job {job.id}: {exc!r}") from exc
-        job = self.store.start_job(job.id, {t.image_id: seq for t, seq in zip(tasks, seqs)})
+        actual = {t.image_id: seq for t, seq in zip(tasks, seqs)}
+        if actual != expected:  # someone else published on the job's subject meanwhile
+            log.warning("job %s: tasks did not land at stream seqs 1..%d; recording where they are", job.id, len(seqs))
+            self.store.record_stream_seqs(job.id, actual)
         log.info(
             "job %s started: %d tasks published to %s in %.2fs (ack_wait %.1fs, max_deliver %d)",
             job.id, len(seqs), stream_name(job.id), time.perf_counter() - started, job.ack_wait_s, job.max_deliver,

@@ -250,12 +250,9 @@ class Store:
         return job, [ImageRecord(j, i, p, u, None) for j, i, p, u in rows]
 
     def start_job(self, job_id: int, stream_seqs: dict[str, int]) -> Job:
-        """Record where each image's task sits in the stream and mark the job STARTED."""
+        """Record where each image's task sits (or will sit) in the stream and mark the job STARTED."""
         with self._tx() as db:
-            db.executemany(
-                "UPDATE images SET stream_seq = ? WHERE job_id = ? AND image_id = ?",
-                [(seq, job_id, image_id) for image_id, seq in stream_seqs.items()],
-            )
+            self._set_seqs(db, job_id, stream_seqs)
             db.execute(
                 "UPDATE jobs SET status = ?, started_at = ? WHERE id = ? AND status = ?",
                 (STARTED, self._clock(), job_id, CREATED),
@@ -263,6 +260,25 @@ class Store:
         job = self.job(job_id)
         assert job is not None
         return job
+
+    def record_stream_seqs(self, job_id: int, stream_seqs: dict[str, int]) -> None:
+        """Replace the job's stream sequences (when publishing did not land where expected)."""
+        with self._tx() as db:
+            self._set_seqs(db, job_id, stream_seqs)
+
+    @staticmethod
+    def _set_seqs(db: sqlite3.Connection, job_id: int, stream_seqs: dict[str, int]) -> None:
+        db.execute("UPDATE images SET stream_seq = NULL WHERE job_id = ?", (job_id,))
+        db.executemany(
+            "UPDATE images SET stream_seq = ? WHERE job_id = ? AND image_id = ?",
+            [(seq, job_id, image_id) for image_id, seq in stream_seqs.items()],
+        )
+
+    def unstart_job(self, job_id: int) -> None:
+        """Back to CREATED, without stream sequences (starting it failed half way)."""
+        with self._tx() as db:
+            db.execute("UPDATE images SET stream_seq = NULL WHERE job_id = ?", (job_id,))
+            db.execute("UPDATE jobs SET status = ?, started_at = NULL WHERE id = ?", (CREATED, job_id))
 
     def discard_job(self, job_id: int) -> None:
         """Forget a job that never started (its NATS setup failed)."""
