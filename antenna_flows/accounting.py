@@ -24,6 +24,7 @@ class JobLedger:
     duplicates_skipped: int = 0  # redeliveries of images this worker had already answered
     released: int = 0  # handed back with nak (stop, outage)
     dropped: int = 0  # discarded because the job's stream vanished (completed or cancelled)
+    terminated: int = 0  # poison tasks Antenna accepts no answer for (term: never redelivered)
     max_reserved_idle_s: float = 0.0  # longest wait from reservation to inference start
     first_reserved_at: float | None = None
     last_posted_at: float | None = None

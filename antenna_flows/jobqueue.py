@@ -160,6 +160,7 @@ class Reservation:
     reply_subject: str
     msg: Msg | None = None
     reserved_at: float = field(default_factory=time.monotonic)
+    touched_at: float = 0.0  # last +WPI (0: none yet, the reservation itself counts)
 
     @property
     def num_delivered(self) -> int:

@@ -39,6 +39,10 @@ class Transport(Protocol):
 
     async def in_progress(self, r: Reservation) -> None: ...
 
+    async def term(self, r: Reservation) -> None:
+        """Never redeliver this task (poison: Antenna cannot accept any answer for it)."""
+        ...
+
     async def ack_wait(self, job_id: int) -> float:
         """The job's ack_wait in seconds; raises StreamGone if the job has no queue (yet)."""
         ...
@@ -72,6 +76,9 @@ class NatsTransport:
 
     async def in_progress(self, r: Reservation) -> None:
         await self._send(r, "in_progress")
+
+    async def term(self, r: Reservation) -> None:
+        await self._send(r, "term")
 
     async def _send(self, r: Reservation, what: str, delay_s: float | None = None) -> None:
         if r.msg is None:
@@ -127,6 +134,9 @@ class RestTransport:
 
     async def in_progress(self, r: Reservation) -> None:
         """No heartbeat over REST; the reservation budget keeps us within ack_wait."""
+
+    async def term(self, r: Reservation) -> None:
+        """Not possible over REST: it comes back after ack_wait until max_deliver."""
 
     async def ack_wait(self, job_id: int) -> float:
         return self.ack_wait_s

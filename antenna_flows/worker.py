@@ -62,6 +62,7 @@ MAX_PENDING_POSTS = 4  # batches waiting to be posted before the slot waits (bac
 POSTERS = 2  # result posts in flight at once (as upstream's two threads)
 REPORT_INTERVAL_S = 30.0
 RESERVE_TICK_S = 0.25  # re-plan at least this often (dry jobs come back, redeliveries appear)
+HEARTBEAT_TICK_S = 0.1  # how often held tasks are checked for a due +WPI
 
 
 class FatalWorkerError(RuntimeError):
@@ -442,15 +443,18 @@ class FairWorker:
         return out
 
     async def _heartbeat_loop(self) -> None:
+        """+WPI every held task whose window is a third gone (per its job's ack_wait)."""
         assert self.transport is not None
         if not self.transport.can_extend:
             return
         while True:
-            period = max(0.05, self._ack_wait_s() * self.settings.in_progress_fraction)
-            await asyncio.sleep(period)
+            await asyncio.sleep(HEARTBEAT_TICK_S)
             now = self.clock()
             for r in self.held_reservations():
-                if now - r.reserved_at >= period * 0.5:
+                info = self.jobs.get(r.job_id)
+                period = (info.ack_wait_s if info else self._ack_wait_s()) * self.settings.in_progress_fraction
+                if now - max(r.reserved_at, r.touched_at) >= period:
+                    r.touched_at = now
                     await self.transport.in_progress(r)
 
     # --- inference session ----------------------------------------------------------
@@ -614,8 +618,7 @@ class FairWorker:
                 log.warning("worker %s: job %s is gone from Antenna (404): %d results dropped", self.name, job_id, len(items))
                 self._settle(items)
                 return
-            if not await self._post_rejection_errors(job_id, items, exc):
-                await self._give_back(items, f"results rejected: {exc}")
+            await self._isolate_rejected(job_id, items, exc)
             return
         except Exception as exc:  # noqa: BLE001 - retries exhausted
             await self._give_back(items, f"posting failed after retries: {exc}")
@@ -637,19 +640,40 @@ class FairWorker:
                     self.answered.popitem(last=False)
         self._settle(items)
 
-    async def _post_rejection_errors(self, job_id: int, items: list[tuple[Held, Any]], exc: Rejected) -> bool:
-        """Antenna refused our results (400): tell it so per image, as error results, once."""
-        assert self.client is not None
-        log.error("worker %s: job %s refused %d results: %s", self.name, job_id, len(items), exc)
-        errors = [(h, PipelineResultsError(error=f"result rejected by Antenna: {exc.body[:300]}", image_id=h.r.image_id))
-                  for h, _ in items]
-        try:
-            await self.client.post_results(job_id, [TaskResult(reply_subject=h.r.reply_subject, result=e) for h, e in errors])
-        except Exception as again:  # noqa: BLE001
-            log.error("worker %s: job %s refused the error results too: %s", self.name, job_id, again)
-            return False
-        await self._acked(job_id, errors)
-        return True
+    async def _isolate_rejected(self, job_id: int, items: list[tuple[Held, Any]], exc: Rejected) -> None:
+        """Antenna refused a post (400): find which results it refuses, so one bad task fails alone.
+
+        Each result is posted on its own; a refused one is replaced by an error result
+        saying why; if Antenna refuses even that (it does not know the task), the
+        message is terminated: redelivering it could never end differently.
+        """
+        assert self.client is not None and self.transport is not None
+        log.error("worker %s: job %s refused a post of %d results: %s; posting them one by one",
+                  self.name, job_id, len(items), exc)
+        for held, result in items:
+            attempts = [result, PipelineResultsError(error=f"result rejected by Antenna: {exc.body[:300]}",
+                                                     image_id=held.r.image_id)]
+            if isinstance(result, PipelineResultsError):
+                attempts = attempts[:1]
+            for attempt in attempts:
+                try:
+                    await self.client.post_results(job_id, [TaskResult(reply_subject=held.r.reply_subject, result=attempt)])
+                except Rejected as again:
+                    log.error("worker %s: job %s task %s (seq %s): refused: %s", self.name, job_id, held.r.image_id,
+                              held.r.stream_seq, again)
+                    continue
+                except Exception as again:  # noqa: BLE001 - an outage now: hand it back
+                    await self._give_back([(held, attempt)], f"posting failed: {again}")
+                    break
+                await self._acked(job_id, [(held, attempt)])
+                break
+            else:
+                log.error("worker %s: job %s task at seq %s is unknown to Antenna: terminated (no redelivery)",
+                          self.name, job_id, held.r.stream_seq)
+                for r in held.reservations():
+                    await self.transport.term(r)
+                self.ledger.count(job_id, "terminated")
+                self._settle([(held, result)])
 
     async def _give_back(self, items: list[tuple[Held, Any]], why: str) -> None:
         """Hand tasks back to the queue (never ack an unposted result)."""
