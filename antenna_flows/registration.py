@@ -16,7 +16,7 @@ from typing import Any
 
 import httpx
 
-from antenna_flows.models.registry import PIPELINES, ClassifierSpec, DetectorSpec, PipelineSpec, get_pipeline
+from antenna_flows.models.registry import ClassifierSpec, DetectorSpec, PipelineSpec, get_pipeline, pipeline_slugs
 from antenna_flows.models.weights import load_label_map, resolve
 from antenna_flows.schemas import (
     AlgorithmCategoryMapResponse,
@@ -75,7 +75,6 @@ def build_pipeline_configs(
     *,
     weights_dir: Path | None = None,
     allow_download: bool | None = None,
-    pipelines: dict[str, PipelineSpec] | None = None,
 ) -> list[PipelineConfigResponse]:
     """Configs of ``slugs`` (default: every registry pipeline). Label maps come from
     ``weights_dir``; both it and ``allow_download`` default to the worker settings."""
@@ -83,8 +82,7 @@ def build_pipeline_configs(
         settings = WorkerSettings()
         weights_dir = settings.weights_dir if weights_dir is None else weights_dir
         allow_download = settings.allow_weight_download if allow_download is None else allow_download
-    table = PIPELINES if pipelines is None else pipelines
-    return [pipeline_config(get_pipeline(slug, table), weights_dir, allow_download) for slug in (slugs or list(table))]
+    return [pipeline_config(get_pipeline(slug), weights_dir, allow_download) for slug in (slugs or pipeline_slugs())]
 
 
 async def register_pipelines(
@@ -96,11 +94,10 @@ async def register_pipelines(
     *,
     weights_dir: Path | None = None,
     allow_download: bool | None = None,
-    pipelines: dict[str, PipelineSpec] | None = None,
 ) -> dict[str, Any]:
     """Register the pipelines with project ``project_id``; returns Antenna's answer
     (``pipelines_created``, ``pipelines_updated``, ``processing_service_id``)."""
-    configs = build_pipeline_configs(slugs, weights_dir=weights_dir, allow_download=allow_download, pipelines=pipelines)
+    configs = build_pipeline_configs(slugs, weights_dir=weights_dir, allow_download=allow_download)
     body = PipelineRegistrationRequest(processing_service_name=full_service_name(service_name), pipelines=configs)
     url = f"{api_url.rstrip('/')}/projects/{project_id}/pipelines/"
     async with httpx.AsyncClient(timeout=TIMEOUT_S) as client:

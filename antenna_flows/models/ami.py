@@ -39,7 +39,13 @@ log = logging.getLogger(__name__)
 
 
 class AmiModel:
-    """Detector -> moth filter -> classifier on one device, for any pipeline of ``pipelines``."""
+    """Detector -> moth filter -> classifier on one device, for any pipeline of ``pipelines``
+    (default: the registry; tests pass smaller variants).
+
+    After each ``predict``: ``last_timings`` holds seconds per stage (prepare, detect, crop,
+    binary, classify, results, total) and ``last_counts`` the images, detections, classified
+    (by the terminal classifier) and dropped (empty boxes) counts.
+    """
 
     kind = "ami"
 
@@ -53,9 +59,7 @@ class AmiModel:
         self._classifiers: OrderedDict[str, LoadedClassifier] = OrderedDict()  # by weights file, LRU order
         self._lock = threading.Lock()
         self.last_timings: dict[str, float] = {}
-        """Seconds per stage of the last ``predict``: prepare, detect, crop, binary, classify, results, total."""
         self.last_counts: dict[str, int] = {}
-        """Counts of the last ``predict``: images, detections, classified (terminal), dropped (empty boxes)."""
 
     @classmethod
     def from_settings(cls, settings: WorkerSettings) -> AmiModel:

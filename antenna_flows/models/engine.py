@@ -2,8 +2,9 @@
 
 Every stage sees the whole batch at once: one detector call over all images (torchvision's
 transform resizes each image and pads the batch, so mixed sizes are fine), then every crop of
-the batch through each classifier in as few calls as memory allows. On CUDA the heavy modules
-run in bf16 (fp16 where bf16 is missing) with channels-last tensors; box arithmetic stays fp32.
+the batch through each classifier in as few calls as memory allows. Convolutions run
+channels-last (faster on GPUs and on CPUs alike); on CUDA the heavy modules run in bf16 (fp16
+where bf16 is missing) while box arithmetic stays fp32.
 Each stage is timed (synchronising the device at stage ends, where results are read back
 anyway), so callers can report where a batch's time goes.
 
@@ -189,10 +190,6 @@ class Engine:
         boxes = torch.cat(kept).cpu().to(torch.int64) if kept else torch.empty((0, 4), dtype=torch.int64)
         return list(boxes.split(counts))
 
-    def crops(self, batch: torch.Tensor, image_index: torch.Tensor, boxes: torch.Tensor,
-              spec: ClassifierSpec) -> torch.Tensor:
-        return crop_ops.crop_and_resize(batch, image_index, boxes, spec.input_size, spec.mean, spec.std)
-
     def classify(self, classifier: LoadedClassifier, crops: torch.Tensor) -> StageOutput:
         """Logits and softmax scores (CPU, float32) for (n, 3, S, S) normalised crops."""
         if len(crops) == 0:
@@ -235,7 +232,7 @@ class Engine:
             def crops_for(rows: torch.Tensor, spec: ClassifierSpec) -> torch.Tensor:
                 if batch is None or len(rows) == 0:
                     return torch.empty((0, 3, spec.input_size, spec.input_size))
-                return self.crops(batch, image_index[rows], flat[rows], spec)
+                return crop_ops.crop_and_resize(batch, image_index[rows], flat[rows], spec.input_size, spec.mean, spec.std)
 
             classified = torch.arange(len(flat))
             crops = crops_for(classified, (binary or classifier).spec)

@@ -232,10 +232,9 @@ def pipeline_slugs() -> list[str]:
     return list(PIPELINES)
 
 
-def get_pipeline(slug: str, pipelines: dict[str, PipelineSpec] | None = None) -> PipelineSpec:
+def get_pipeline(slug: str) -> PipelineSpec:
     """The spec of ``slug``; KeyError (naming the known slugs) if there is none."""
-    table = PIPELINES if pipelines is None else pipelines
     try:
-        return table[slug]
+        return PIPELINES[slug]
     except KeyError:
-        raise KeyError(f"unknown pipeline {slug!r}; known: {', '.join(table)}") from None
+        raise KeyError(f"unknown pipeline {slug!r}; known: {', '.join(PIPELINES)}") from None
