@@ -30,7 +30,8 @@ import httpx
 from pydantic import BaseModel, ConfigDict, Field
 
 from antenna_flows.demo_images import demo_image_urls
-from antenna_flows.devstack import AntennaAdmin, DevStack
+from antenna_flows.api.admin import AntennaAdmin
+from antenna_flows.devstack import DevStack
 from antenna_flows.natsserver import free_port
 from antenna_flows.settings import ApiSettings, QueueSettings
 
@@ -208,7 +209,7 @@ class Bench:
             t0 = time.time()
             submitted, cancelled = self._drive(dev, admin, t0)
             finished_at = time.time()
-            jobs = {j["id"]: j for j in admin.jobs()}
+            jobs = {j.id: j.model_dump() for j in admin.jobs()}
             report = self._report(t0, startup_s, submitted, cancelled, jobs, out_dir)
             report["wall_s"] = round(finished_at - t0, 3)
             return report
@@ -288,10 +289,8 @@ class Bench:
     def _all_done(admin: AntennaAdmin, live: set[int]) -> bool:
         if not live:
             return True
-        jobs = {j["id"]: j for j in admin.jobs()}
-        return all(
-            jid in jobs and jobs[jid]["results"] + jobs[jid]["errors"] >= jobs[jid]["total"] for jid in live
-        )
+        jobs = {j.id: j for j in admin.jobs()}
+        return all(jid in jobs and jobs[jid].processed >= jobs[jid].total for jid in live)
 
     def _fault(self, fault: FaultSpec, dev: DevStack, admin: AntennaAdmin, cancelled: set[int]) -> None:
         log.warning("bench: fault %s", fault.model_dump())

@@ -28,12 +28,21 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from antenna_flows.api.admin import AntennaAdmin, AntennaError
 from antenna_flows.api.models import Job
-from antenna_flows.settings import DEFAULT_API_URL, DEFAULT_TOKEN, ENV_PREFIX, ApiSettings, QueueSettings
+from antenna_flows.settings import (
+    DEFAULT_API_URL,
+    DEFAULT_TOKEN,
+    ENV_PREFIX,
+    ApiSettings,
+    DrainSettings,
+    QueueSettings,
+    WorkerSettings,
+)
 
 log = logging.getLogger("antenna_flows.cli")
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 DEFAULT_PIPELINE = "panama_moths_2024"
+SCENARIOS_DIR = Path(__file__).parent / "scenarios"
 DEFAULT_NATS_PORT = 4222  # the worker's default nats_url: devstack + worker work with no configuration
 
 
@@ -278,11 +287,136 @@ def run_jobs(args: argparse.Namespace) -> int:
                 return 0
 
 
+# --- worker ------------------------------------------------------------------------------------------
+
+
+def add_worker(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "worker",
+        help="Run one worker (one GPU): the fair worker flow, or the upstream drain pattern to compare.",
+        description="Serve every incomplete Antenna job of the given pipelines on one GPU until SIGTERM/SIGINT "
+        "or --max-runtime-s. Under Prefect orchestration (default) the worker is a run of the fair-worker flow "
+        "reporting to PREFECT_API_URL (or a temporary local Prefect server when unset).",
+    )
+    parser.add_argument("--strategy", choices=["fair", "drain"], default="fair",
+                        help="fair: this project's worker; drain: the upstream pattern (baseline). Default fair.")
+    parser.add_argument("--orchestration", choices=["prefect", "plain"], default="prefect",
+                        help="prefect: a flow run with task runs and artifacts; plain: the same code without Prefect.")
+    add_settings_arguments(parser, WorkerSettings)
+    add_settings_arguments(parser, DrainSettings)
+    parser.set_defaults(func=run_worker_command)
+
+
+def run_worker_command(args: argparse.Namespace) -> int:
+    from antenna_flows.runner import run_worker
+
+    settings = settings_from_args(WorkerSettings, args)
+    totals = run_worker(settings, args.strategy, args.orchestration, settings_from_args(DrainSettings, args))
+    print(f"worker {settings.worker_name} stopped: {totals}")
+    return 0
+
+
+# --- bench and demo ---------------------------------------------------------------------------------
+
+
+def add_bench(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "bench",
+        help="Run a benchmark scenario end to end (shared/bench format) and report per job.",
+        description="Start nats-server, the local API and the scenario's workers as separate processes, submit "
+        "its jobs and faults at their times, and report (shared/bench/README.md).",
+    )
+    parser.add_argument("--scenario", required=True, help="Scenario JSON file, or the name of a bundled one "
+                        f"({', '.join(bundled_scenarios())}).")
+    parser.add_argument("--strategy", choices=["fair", "drain"], default="fair")
+    parser.add_argument("--orchestration", choices=["prefect", "plain"], default="prefect")
+    parser.add_argument("--json", type=Path, default=None, metavar="OUT.json", help="Write the report here.")
+    parser.add_argument("--out-dir", type=Path, default=None,
+                        help="Keep worker logs and metrics here (default: a temporary directory, removed).")
+    parser.set_defaults(func=run_bench_command)
+
+
+def add_demo(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "demo",
+        help="The whole thing on this machine: NATS, a local Antenna, demo images, fair workers, a per-job table.",
+        description="Run the field report's mix of six concurrent jobs (2x10, 2x100, 2x500 images) through "
+        "four fair workers (sim model, Prefect flows) on an embedded stack and print what each job got.",
+    )
+    parser.add_argument("--scenario", default="demo", help="Bundled scenario name or JSON file (default: demo).")
+    parser.add_argument("--orchestration", choices=["prefect", "plain"], default="prefect")
+    parser.add_argument("--strategy", choices=["fair", "drain"], default="fair",
+                        help="Run the upstream drain pattern instead, to see the field report's problem.")
+    parser.add_argument("--json", type=Path, default=None, metavar="OUT.json", help="Also write the report here.")
+    parser.add_argument("--out-dir", type=Path, default=None, help="Keep worker logs and metrics here.")
+    parser.set_defaults(func=run_bench_command)
+
+
+def bundled_scenarios() -> list[str]:
+    return sorted(p.stem for p in SCENARIOS_DIR.glob("*.json"))
+
+
+def scenario_path(name: str) -> Path:
+    path = Path(name)
+    if path.exists():
+        return path
+    bundled = SCENARIOS_DIR / f"{name}.json"
+    if bundled.exists():
+        return bundled
+    raise SystemExit(f"error: no scenario file {name!r} (bundled: {', '.join(bundled_scenarios())})")
+
+
+def run_bench_command(args: argparse.Namespace) -> int:
+    import json
+
+    from antenna_flows.bench import BenchOptions, Scenario, format_report, run_bench
+
+    scenario = Scenario.load(scenario_path(args.scenario))
+    options = BenchOptions(strategy=args.strategy, orchestration=args.orchestration, out_dir=args.out_dir)
+    print(f"running {scenario.name}: {len(scenario.jobs)} jobs, {sum(j.images for j in scenario.jobs)} images, "
+          f"{scenario.workers} {args.strategy} workers ({args.orchestration}); starting the stack...", flush=True)
+    report = run_bench(scenario, options)
+    print(format_report(report))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+        print(f"report written to {args.json}")
+    return 0 if report["lost"] == 0 else 3
+
+
+# --- register ---------------------------------------------------------------------------------------
+
+
+def add_register(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "register",
+        help="Register this worker's pipelines with an Antenna project (as the upstream worker does).",
+    )
+    parser.add_argument("--project", type=int, required=True, metavar="ID", help="Antenna project id.")
+    parser.add_argument("--service-name", default=None, help="Processing service name (default: antenna-flows).")
+    parser.add_argument("--pipeline", action="append", default=None, metavar="SLUG",
+                        help="Register only this pipeline (repeatable; default: every pipeline in the registry).")
+    add_settings_arguments(parser, ClientSettings, CLIENT_ALIASES)
+    parser.set_defaults(func=run_register)
+
+
+def run_register(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from antenna_flows.registration import register_pipelines
+
+    client = settings_from_args(ClientSettings, args)
+    answer = asyncio.run(register_pipelines(client.antenna_api_url, client.antenna_api_token, args.project,
+                                            service_name=args.service_name, slugs=args.pipeline))
+    print(answer)
+    return 0
+
+
 # --- the command ----------------------------------------------------------------------------------------
 
-# Lead: add `demo`, `worker`, `bench` and `register` here, each as an add_<name>(subparsers)
-# function like the ones above (configure the parser, set_defaults(func=run_<name>)).
-SUBCOMMANDS: list[Callable[[Any], None]] = [add_devstack, add_submit, add_jobs]
+SUBCOMMANDS: list[Callable[[Any], None]] = [
+    add_demo, add_worker, add_bench, add_devstack, add_submit, add_jobs, add_register,
+]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -95,7 +95,7 @@ class DrainWorker:
                     log.info("drain worker %s: processing job %s (%s)", self.name, job.id, job.pipeline_slug)
                     any_work = await self._process_job(job.id, job.pipeline_slug) or any_work
                 if not any_work:
-                    await self._sleep(self.config.idle_sleep_s)
+                    await self._sleep(self.config.drain_idle_sleep_s)
         finally:
             if stopper:
                 stopper.cancel()
@@ -120,8 +120,8 @@ class DrainWorker:
     async def _process_job(self, job_id: int, pipeline: str) -> bool:
         """The DataLoader drain: loaders reserve and download ahead; the GPU runs batches serially."""
         ready: asyncio.Queue[LoadedBatch | None] = asyncio.Queue()
-        room = [asyncio.Semaphore(self.config.prefetch) for _ in range(self.config.loaders)]
-        loaders = [asyncio.create_task(self._loader(job_id, i, ready, room[i])) for i in range(self.config.loaders)]
+        room = [asyncio.Semaphore(self.config.drain_prefetch) for _ in range(self.config.drain_loaders)]
+        loaders = [asyncio.create_task(self._loader(job_id, i, ready, room[i])) for i in range(self.config.drain_loaders)]
         finished = 0
         did_work = False
         await asyncio.get_running_loop().run_in_executor(self._slot, self.model.load, pipeline)
@@ -140,7 +140,7 @@ class DrainWorker:
             while not self._stop.is_set():
                 await room.acquire()
                 try:
-                    tasks = await self.client.reserve_tasks(job_id, self.config.batch_size)
+                    tasks = await self.client.reserve_tasks(job_id, self.config.drain_batch_size)
                 except Exception as exc:  # noqa: BLE001 - upstream: fetch failed -> this loader stops
                     log.error("drain worker %s loader %d: fetch failed (%s), stopping", self.name, index, exc)
                     break

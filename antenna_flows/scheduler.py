@@ -176,17 +176,27 @@ class FairScheduler:
         supply: Mapping[int, float],
         limit: int,
         cost: Callable[[str], float],
-        pipeline: str | None = None,
+        urgent: Mapping[int, int] | None = None,
     ) -> tuple[str | None, list[int]]:
-        """Greedy fair order: ``limit`` picks from jobs with supply, all of one pipeline."""
+        """Greedy fair order: ``limit`` picks from jobs with supply, all of one pipeline.
+
+        ``urgent[job]`` of a job's supply go before anything else (still in fair order among
+        themselves): reserved tasks about to overstay their reservation window.
+        """
         tentative = {j: self.jobs[j].vtime for j in supply if j in self.jobs}
         remaining = {j: s for j, s in supply.items() if j in self.jobs and s > 0}
+        pressing = {j: n for j, n in (urgent or {}).items() if n > 0 and j in remaining}
+        pipeline: str | None = None
         picks: list[int] = []
         while len(picks) < limit:
             candidates = [j for j in remaining if pipeline is None or self.jobs[j].pipeline == pipeline]
             if not candidates:
                 break
-            best = min(candidates, key=lambda j: (-self.jobs[j].priority, tentative[j], j))
+            best = min(
+                candidates,
+                # ties go to the job charged least so far: a newcomer joining at the virtual time goes first
+                key=lambda j: (j not in pressing, -self.jobs[j].priority, tentative[j], self.jobs[j].charged_s, j),
+            )
             if pipeline is None:
                 pipeline = self.jobs[best].pipeline
             picks.append(best)
@@ -194,13 +204,21 @@ class FairScheduler:
             remaining[best] -= 1
             if remaining[best] <= 0:
                 del remaining[best]
+            if best in pressing:
+                pressing[best] -= 1
+                if pressing[best] <= 0:
+                    del pressing[best]
         return pipeline, picks
 
     def select_batch(
-        self, pool: Mapping[int, int], max_batch: int, cost: Callable[[str], float]
+        self,
+        pool: Mapping[int, int],
+        max_batch: int,
+        cost: Callable[[str], float],
+        urgent: Mapping[int, int] | None = None,
     ) -> tuple[str | None, dict[int, int]]:
-        """From reserved tasks (count per job), the next batch: one pipeline, fair order."""
-        pipeline, picks = self._picks(pool, max_batch, cost)
+        """From reserved tasks (count per job), the next batch: one pipeline, urgent first, then fair order."""
+        pipeline, picks = self._picks(pool, max_batch, cost, urgent)
         counts: dict[int, int] = {}
         for job_id in picks:
             counts[job_id] = counts.get(job_id, 0) + 1

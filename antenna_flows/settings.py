@@ -139,7 +139,7 @@ class WorkerSettings(BaseSettings):
     session_max_s: float = Field(
         600.0, gt=0, description="Longest inference session (one Prefect subflow run) before a new one starts."
     )
-    session_idle_s: float = Field(5.0, gt=0, description="End an inference session after this long with no work.")
+    session_idle_s: float = Field(60.0, gt=0, description="End an inference session after this long with no work.")
     max_runtime_s: float | None = Field(None, gt=0, description="Stop gracefully after this many seconds (unset: run until signalled).")
     post_retries: int = Field(4, ge=0, description="Retries of a result POST before its tasks are released (nak).")
     post_retry_delay_s: float = Field(0.5, gt=0, description="First retry delay of a result POST; doubles each retry, jittered.")
@@ -153,6 +153,12 @@ class WorkerSettings(BaseSettings):
     download_concurrency: int = Field(16, ge=1, description="Image downloads in flight at once.")
     metrics_file: Path | None = Field(None, description="Append one JSON line per batch here (used by the bench).")
     ready_file: Path | None = Field(None, description="Touch this file once the worker is polling (used by the bench).")
+    inference_precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
+        "auto", description="ami model on GPU: autocast dtype (auto: bf16 where supported, else fp16). CPU is always fp32."
+    )
+    max_loaded_pipelines: int = Field(
+        3, ge=1, description="ami model: terminal classifiers kept loaded (LRU); the detector and moth filter are shared."
+    )
 
     @field_validator("pipelines", mode="before")
     @classmethod
@@ -168,9 +174,9 @@ class WorkerSettings(BaseSettings):
 class DrainSettings(BaseSettings):
     """The upstream worker's knobs, for the ``drain`` baseline (``--strategy drain``)."""
 
-    model_config = SettingsConfigDict(env_prefix=f"{ENV_PREFIX}DRAIN_", env_file=".env", extra="ignore")
+    model_config = _config()
 
-    batch_size: int = Field(24, ge=1, description="Tasks per POST /tasks/ (upstream antenna_api_batch_size).")
-    loaders: int = Field(4, ge=1, description="DataLoader subprocesses reserving in parallel (upstream num_workers).")
-    prefetch: int = Field(4, ge=1, description="Batches each loader holds ahead of the GPU (prefetch_factor).")
-    idle_sleep_s: float = Field(5.0, ge=0, description="Sleep when no job is found (upstream SLEEP_TIME_SECONDS).")
+    drain_batch_size: int = Field(24, ge=1, description="drain: tasks per POST /tasks/ (upstream antenna_api_batch_size).")
+    drain_loaders: int = Field(4, ge=1, description="drain: DataLoader subprocesses reserving in parallel (num_workers).")
+    drain_prefetch: int = Field(4, ge=1, description="drain: batches each loader holds ahead of the GPU (prefetch_factor).")
+    drain_idle_sleep_s: float = Field(5.0, ge=0, description="drain: sleep when no job is found (SLEEP_TIME_SECONDS).")

@@ -62,7 +62,8 @@ MAX_PENDING_POSTS = 4  # batches waiting to be posted before the slot waits (bac
 POSTERS = 2  # result posts in flight at once (as upstream's two threads)
 REPORT_INTERVAL_S = 30.0
 RESERVE_TICK_S = 0.25  # re-plan at least this often (dry jobs come back, redeliveries appear)
-HEARTBEAT_TICK_S = 0.1  # how often held tasks are checked for a due +WPI
+HEARTBEAT_TICK_S = 0.1
+ADVISORY_FOLLOW_UPS_S = (0.02, 0.1, 0.25, 0.5)  # polls after a stream-created advisory, until a job joins  # how often held tasks are checked for a due +WPI
 
 
 class FatalWorkerError(RuntimeError):
@@ -143,6 +144,8 @@ class FairWorker:
         self._loaded: set[str] = set()
         self._metrics = open(settings.metrics_file, "a", buffering=1) if settings.metrics_file else None  # noqa: SIM115
         self._sessions = 0
+        self._ready_parts: set[str] = set()
+        self._ready_written = False
         self._last_report = 0.0
         self.stop_reason = ""
 
@@ -181,7 +184,8 @@ class FairWorker:
         )
         try:
             while not self._stop.is_set():
-                await self._wait_for_work()
+                if self._sessions:  # the first session opens at once, so its start-up is not paid by a job
+                    await self._wait_for_work()
                 if self._stop.is_set():
                     break
                 self._sessions += 1
@@ -240,20 +244,25 @@ class FairWorker:
 
     # --- discovery ---------------------------------------------------------------------
 
+    def _ready(self, part: str) -> None:
+        """Ready (the bench's time zero) once jobs are being polled and a session is open."""
+        self._ready_parts.add(part)
+        if self._ready_parts >= {"discovery", "session"} and self.settings.ready_file and not self._ready_written:
+            Path(self.settings.ready_file).touch()
+            self._ready_written = True
+            log.info("worker %s: ready", self.name)
+
     async def _on_new_stream(self, job_id: int) -> None:
         log.debug("worker %s: stream job_%s created, polling jobs now", self.name, job_id)
         self._discover_now.set()
 
     async def _discovery_loop(self) -> None:
-        ready_written = False
         failures = 0
         while not self._stop.is_set():
             try:
                 await self.discover_once()
                 failures = 0
-                if not ready_written and self.settings.ready_file:
-                    Path(self.settings.ready_file).touch()
-                    ready_written = True
+                self._ready("discovery")
             except AuthError as exc:
                 self._fail(FatalWorkerError(f"Antenna rejected the worker's token: {exc}"))
                 return
@@ -266,12 +275,21 @@ class FairWorker:
             self._discover_now.clear()
             try:
                 await asyncio.wait_for(self._discover_now.wait(), timeout=self.settings.discovery_interval_s)
-                await asyncio.sleep(0.05)  # let the API finish creating the job the advisory announced
             except asyncio.TimeoutError:
-                pass
+                continue
+            # A stream was just created: its job is listed once Antenna has published its tasks.
+            for delay in ADVISORY_FOLLOW_UPS_S:
+                await asyncio.sleep(delay)
+                try:
+                    if await self.discover_once():
+                        break
+                except Exception:  # noqa: BLE001 - the regular poll reports failures
+                    break
 
-    async def discover_once(self) -> None:
+    async def discover_once(self) -> int:
+        """One poll of Antenna's incomplete jobs; returns how many joined the rotation."""
         assert self.client is not None and self.transport is not None
+        joined = 0
         listed = await self.client.list_jobs(sorted(self.served))
         now = self.clock()
         for item in listed:
@@ -294,6 +312,7 @@ class FairWorker:
                 log.info("worker %s: job %s (%s, priority %d, ack_wait %.0fs) joined the rotation",
                          self.name, item.id, pipeline, item.priority, ack_wait)
                 self._wake_reserver.set()
+                joined += 1
             else:
                 info.last_listed = now
                 if info.priority != item.priority:
@@ -302,6 +321,7 @@ class FairWorker:
         for job_id, info in list(self.jobs.items()):
             if now - info.last_listed > self.settings.idle_forget_s and not self.pool.get(job_id):
                 await self._forget(job_id, "no longer listed as incomplete")
+        return joined
 
     async def _forget(self, job_id: int, why: str) -> None:
         self.jobs.pop(job_id, None)
@@ -330,6 +350,26 @@ class FairWorker:
 
     def _ack_wait_s(self) -> float:
         return min((info.ack_wait_s for info in self.jobs.values()), default=300.0)
+
+    def _urgent(self) -> dict[int, int]:
+        """Reserved tasks that would overstay the reservation window if they waited two more batches.
+
+        Tasks a newcomer displaced in fair order would otherwise age in the pool; these
+        go first, so no reservation sits idle past ``reserve_fraction * ack_wait``.
+        """
+        window = self._ack_wait_s() * self.settings.reserve_fraction
+        urgent_age = window - 2 * self._per_image_s() * self.settings.max_batch_size
+        now = self.clock()
+        out = {}
+        for job_id, queue in self.pool.items():
+            n = 0
+            for held in queue:  # oldest first
+                if now - held.r.reserved_at < urgent_age:
+                    break
+                n += 1
+            if n:
+                out[job_id] = n
+        return out
 
     def batch_limit(self) -> int:
         """Largest batch whose images all start within the reservation window."""
@@ -463,6 +503,7 @@ class FairWorker:
         """One inference session: run batches and post them until idle, too long, or stopping."""
         started = self.clock()
         before = self.ledger.totals()
+        self._ready("session")
         self._post_queue = asyncio.Queue(maxsize=MAX_PENDING_POSTS)
         posters = [asyncio.create_task(self._poster_loop(), name=f"poster-{i}") for i in range(POSTERS)]
         try:
@@ -494,7 +535,8 @@ class FairWorker:
                 except asyncio.TimeoutError:
                     pass
                 continue
-            pipeline, counts = self.scheduler.select_batch(pool, self.batch_limit(), self.cost.per_image)
+            pipeline, counts = self.scheduler.select_batch(pool, self.batch_limit(), self.cost.per_image,
+                                                           self._urgent())
             if not counts or pipeline is None:
                 await asyncio.sleep(0.01)
                 continue
@@ -589,41 +631,58 @@ class FairWorker:
             outcome = await self._post_queue.get()
             if outcome is None:
                 return
-            by_job: dict[int, list[tuple[Held, PipelineResultsResponse | PipelineResultsError]]] = {}
-            for held, result in outcome.results:
-                by_job.setdefault(held.r.job_id, []).append((held, result))
-            await asyncio.gather(*(self._post_job(job_id, items) for job_id, items in by_job.items()))
+            await self._post_batch(outcome)
 
-    async def _post_job(self, job_id: int, items: list[tuple[Held, PipelineResultsResponse | PipelineResultsError]]) -> None:
-        """Post one job's share of a batch; ack on acceptance; otherwise a deliberate outcome per task."""
-        assert self.client is not None and self.transport is not None
-        payload = [TaskResult(reply_subject=h.r.reply_subject, result=res) for h, res in items]
-        done = False
+    async def _post_batch(self, outcome: BatchOutcome) -> None:
+        """Post a batch's results, one request per job, as one unit of work (one task run).
+
+        The unit is idempotent (a job answered is not posted again on retry) and
+        retries only outages; a refusal or a vanished job is settled per job
+        afterwards, each with its deliberate outcome.
+        """
+        by_job: dict[int, list[tuple[Held, PipelineResultsResponse | PipelineResultsError]]] = {}
+        for held, result in outcome.results:
+            by_job.setdefault(held.r.job_id, []).append((held, result))
+        settled: dict[int, BaseException | None] = {}
+
+        async def post_one(job_id: int) -> None:
+            items = by_job[job_id]
+            payload = [TaskResult(reply_subject=h.r.reply_subject, result=res) for h, res in items]
+            try:
+                await self.client.post_results(job_id, payload)  # type: ignore[union-attr]
+                settled[job_id] = None
+            except (Rejected, AuthError) as exc:  # retrying would not change the answer
+                settled[job_id] = exc
 
         async def post() -> None:
-            nonlocal done
-            if not done:
-                await self.client.post_results(job_id, payload)  # type: ignore[union-attr]
-                done = True
+            pending = [j for j in by_job if j not in settled]
+            failures = [r for r in await asyncio.gather(*(post_one(j) for j in pending), return_exceptions=True) if r]
+            if failures:
+                raise failures[0]
 
+        label = "post " + ", ".join(f"job {j} x{len(v)}" for j, v in by_job.items())
         try:
-            await self.orch.post(post, f"post job {job_id} x{len(items)}")
-        except AuthError as exc:
-            await self._give_back(items, f"token rejected: {exc}")
-            self._fail(FatalWorkerError(f"Antenna rejected the worker's token: {exc}"))
-            return
-        except Rejected as exc:
-            if exc.status == 404:
-                self.ledger.count(job_id, "dropped", len(items))
-                log.warning("worker %s: job %s is gone from Antenna (404): %d results dropped", self.name, job_id, len(items))
-                self._settle(items)
-                return
-            await self._isolate_rejected(job_id, items, exc)
-            return
-        except Exception as exc:  # noqa: BLE001 - retries exhausted
-            await self._give_back(items, f"posting failed after retries: {exc}")
-            return
-        await self._acked(job_id, items)
+            await self.orch.post(post, label)
+        except Exception as exc:  # noqa: BLE001 - retries exhausted for the jobs still unsettled
+            for job_id in by_job:
+                settled.setdefault(job_id, exc)
+        for job_id, items in by_job.items():
+            await self._settle_post(job_id, items, settled[job_id])
+
+    async def _settle_post(self, job_id: int, items: list[tuple[Held, Any]], error: BaseException | None) -> None:
+        if error is None:
+            await self._acked(job_id, items)
+        elif isinstance(error, AuthError):
+            await self._give_back(items, f"token rejected: {error}")
+            self._fail(FatalWorkerError(f"Antenna rejected the worker's token: {error}"))
+        elif isinstance(error, Rejected) and error.status == 404:
+            self.ledger.count(job_id, "dropped", len(items))
+            log.warning("worker %s: job %s is gone from Antenna (404): %d results dropped", self.name, job_id, len(items))
+            self._settle(items)
+        elif isinstance(error, Rejected):
+            await self._isolate_rejected(job_id, items, error)
+        else:
+            await self._give_back(items, f"posting failed after retries: {error}")
 
     async def _acked(self, job_id: int, items: list[tuple[Held, Any]]) -> None:
         assert self.transport is not None

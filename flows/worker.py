@@ -14,6 +14,7 @@ directly: ``antenna-flows worker``.
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Awaitable, Callable
 
 import antenna_flows.prefect_env  # noqa: F401 - before prefect
@@ -70,6 +71,11 @@ class PrefectOrchestrator:
         await publish_job_table(worker, rows, totals, final)
 
 
+def quiet_task_run_logs() -> None:
+    """Task runs' state changes are in the UI already; a log line each would double the API traffic."""
+    logging.getLogger("prefect.task_runs").setLevel(logging.WARNING)
+
+
 @flow(name="fair-worker", flow_run_name="{worker_name}", validate_parameters=True, persist_result=False)
 async def fair_worker(
     worker_name: str | None = None,
@@ -101,6 +107,7 @@ async def fair_worker(
         **(settings_overrides or {}),
     }
     settings = WorkerSettings(**{k: v for k, v in given.items() if v is not None})
+    quiet_task_run_logs()
     logger = get_run_logger()
     model = load_model(settings)
     worker = FairWorker(settings, model, PrefectOrchestrator(settings))

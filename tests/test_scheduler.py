@@ -223,3 +223,12 @@ def test_cost_model_ewma():
     assert cost.per_image("p") == pytest.approx(0.15)
     cost.seed("p", 9.0)  # a seed never overrides a measurement
     assert cost.per_image("p") == pytest.approx(0.15)
+
+
+def test_urgent_tasks_go_first_then_fair_order():
+    clock, sched = make({1: ("p", 0, 1.0), 2: ("p", 0, 1.0), 3: ("p", 5, 1.0)})
+    sched.jobs[1].vtime = 100.0  # job 1 has had far more than its share
+    _, counts = sched.select_batch({1: 5, 2: 10, 3: 1}, 4, lambda p: 1.0, urgent={1: 3})
+    assert counts == {1: 3, 3: 1}  # the urgent ones beat even the priority tier; then priority
+    _, counts = sched.select_batch({1: 5, 2: 10}, 4, lambda p: 1.0)
+    assert counts == {2: 4}
