@@ -71,6 +71,13 @@ class PrefectOrchestrator:
         await publish_job_table(worker, rows, totals, final)
 
 
+async def _secret(block_name: str) -> str:
+    from prefect.blocks.system import Secret
+
+    secret = await Secret.aload(block_name)
+    return str(secret.get())
+
+
 def quiet_task_run_logs() -> None:
     """Task runs' state changes are in the UI already; a log line each would double the API traffic."""
     logging.getLogger("prefect.task_runs").setLevel(logging.WARNING)
@@ -81,7 +88,7 @@ async def fair_worker(
     worker_name: str | None = None,
     pipelines: list[str] | None = None,
     antenna_api_url: str | None = None,
-    antenna_api_token: str | None = None,
+    token_secret_block: str | None = None,
     nats_url: str | None = None,
     model_kind: str | None = None,
     device: str | None = None,
@@ -92,13 +99,16 @@ async def fair_worker(
     """Serve every incomplete job of these pipelines fairly on one GPU until stopped.
 
     Unset parameters come from the environment (``AMI_*``) and ``.env``; see
-    ``antenna-flows worker --help`` for every knob.
+    ``antenna-flows worker --help`` for every knob. The API token is never a
+    parameter (the Prefect API stores parameters): it comes from
+    ``AMI_ANTENNA_API_TOKEN`` on the worker host or from the Prefect Secret
+    block named by ``token_secret_block``.
     """
     given = {
         "worker_name": worker_name,
         "pipelines": pipelines,
         "antenna_api_url": antenna_api_url,
-        "antenna_api_token": antenna_api_token,
+        "antenna_api_token": await _secret(token_secret_block) if token_secret_block else None,
         "nats_url": nats_url,
         "model_kind": model_kind,
         "device": device,

@@ -112,7 +112,13 @@ async def test_dead_letter_advisory_names_the_stream_seq(queue: JobQueue) -> Non
     await asyncio.sleep(1.2)
     other = await queue.fetch(job_id, 5)  # the pull that finds it exhausted raises the advisory
     assert [parse_ack_subject(m.reply).stream_seq for m in other] == [2]
-    assert await queue.dead_letters(job_id) == [seq]
+    letters: list[int] = []
+    for _ in range(40):  # the server stores the advisory asynchronously
+        letters = await queue.dead_letters(job_id)
+        if letters:
+            break
+        await asyncio.sleep(0.05)
+    assert letters == [seq]
     assert await queue.dead_letters(job_id) == []  # read advisories are acked
 
 
