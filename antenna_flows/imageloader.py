@@ -12,6 +12,7 @@ import asyncio
 import io
 import logging
 import warnings
+from typing import Any, Callable
 
 import httpx
 from PIL import Image, UnidentifiedImageError
@@ -87,6 +88,16 @@ class ImageLoader:
         except (OSError, SyntaxError, ValueError) as exc:
             raise ImageError(f"corrupt or truncated image: {exc} ({url})") from exc
 
-    async def load(self, url: str) -> Image.Image:
+    async def load(self, url: str, prepare: Callable[[Image.Image], Any] | None = None) -> Any:
+        """Download, decode and (optionally) ``prepare`` the image, the CPU parts on a thread.
+
+        ``prepare`` is the model's own conversion (e.g. to a pinned uint8 tensor), so it
+        happens here, overlapping inference, instead of on the GPU's critical path.
+        """
         data = await self.fetch(url)
-        return await asyncio.to_thread(self.decode, data, url)
+
+        def decode_and_prepare() -> Any:
+            image = self.decode(data, url)
+            return prepare(image) if prepare else image
+
+        return await asyncio.to_thread(decode_and_prepare)

@@ -156,6 +156,9 @@ class WorkerSettings(BaseSettings):
     inference_precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
         "auto", description="ami model on GPU: autocast dtype (auto: bf16 where supported, else fp16). CPU is always fp32."
     )
+    torch_threads: int | None = Field(
+        None, ge=1, description="ami model: CPU threads for torch (unset: torch's default; set when workers share a CPU)."
+    )
     max_loaded_pipelines: int = Field(
         3, ge=1, description="ami model: terminal classifiers kept loaded (LRU); the detector and moth filter are shared."
     )

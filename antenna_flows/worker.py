@@ -42,12 +42,14 @@ from typing import Any, Callable
 
 from antenna_flows.accounting import Ledger
 from antenna_flows.antenna_client import AntennaClient, AuthError, Rejected, Unavailable
+from antenna_flows.demo_images import generate_frame
 from antenna_flows.imageloader import ImageError, ImageLoader
 from antenna_flows.jobqueue import Reservation, StreamGone
 from antenna_flows.models.base import ImageInput, Model, UnknownPipeline
 from antenna_flows.orchestration import Orchestrator, PlainOrchestrator
 from antenna_flows.scheduler import CostModel, FairScheduler, reservation_cap
 from antenna_flows.schemas import (
+    PipelineProcessingTask,
     PipelineResultsError,
     PipelineResultsResponse,
     TaskResult,
@@ -63,6 +65,7 @@ POSTERS = 2  # result posts in flight at once (as upstream's two threads)
 REPORT_INTERVAL_S = 30.0
 RESERVE_TICK_S = 0.25  # re-plan at least this often (dry jobs come back, redeliveries appear)
 HEARTBEAT_TICK_S = 0.1
+WARMUP_SIZE = (1024, 768)  # the detector resizes to 800-1333 px whatever the input
 ADVISORY_FOLLOW_UPS_S = (0.02, 0.1, 0.25, 0.5)  # polls after a stream-created advisory, until a job joins  # how often held tasks are checked for a due +WPI
 
 
@@ -142,6 +145,7 @@ class FairWorker:
         self._fatal: BaseException | None = None
         self._warned_pipelines: set[str] = set()
         self._loaded: set[str] = set()
+        self._prepare = getattr(model, "host_tensor", None)  # model-specific pixel prep, done in loader threads
         self._metrics = open(settings.metrics_file, "a", buffering=1) if settings.metrics_file else None  # noqa: SIM115
         self._sessions = 0
         self._ready_parts: set[str] = set()
@@ -170,6 +174,7 @@ class FairWorker:
         if self.transport is None:
             self.transport = await NatsTransport.connect(s.nats_url, name=f"antenna-flows-worker {self.name}")
         self._install_signal_handlers()
+        await self._prepare_models()
         background = [
             asyncio.create_task(self._discovery_loop(), name="discovery"),
             asyncio.create_task(self._reserver_loop(), name="reserver"),
@@ -202,6 +207,38 @@ class FairWorker:
         if self._fatal is not None:
             raise self._fatal
         return self.ledger.totals()
+
+    async def _prepare_models(self) -> None:
+        """Load every served pipeline and time one warm-up image, before taking any task.
+
+        A pipeline whose weights are missing is not served (its tasks stay queued for
+        workers that have them) unless it was asked for by name, which is an error. The
+        warm-up seeds the seconds-per-image estimate that sizes the first reservations.
+        """
+        if getattr(self.model, "expected_seconds_per_image", None) is not None:
+            return
+        loop = asyncio.get_running_loop()
+        explicit = set(self.settings.pipelines)
+        frame = generate_frame(*WARMUP_SIZE, seed=0)  # a trap-like frame: the classifiers get crops too
+        for pipeline in sorted(self.served):
+            try:
+                await loop.run_in_executor(self._slot, self.model.load, pipeline)
+            except (FileNotFoundError, UnknownPipeline) as exc:
+                if pipeline in explicit:
+                    raise FatalWorkerError(f"pipeline {pipeline} cannot be served: {exc}") from exc
+                log.warning("worker %s: not serving %s: %s", self.name, pipeline, str(exc).splitlines()[0])
+                self.served.discard(pipeline)
+                continue
+            self._loaded.add(pipeline)
+            task = PipelineProcessingTask(id="warmup", image_id="warmup", image_url="warmup")
+            image = self._prepare(frame) if self._prepare else frame
+            started = time.perf_counter()
+            await loop.run_in_executor(self._slot, self.model.predict, pipeline, [ImageInput(task, image)])
+            seconds = time.perf_counter() - started
+            self.cost.seed(pipeline, seconds)
+            log.info("worker %s: %s loaded; warm-up image took %.2fs", self.name, pipeline, seconds)
+        if not self.served:
+            raise FatalWorkerError("no pipeline can be served (see the warnings above)")
 
     async def _close(self) -> None:
         if self.loader:
@@ -401,8 +438,10 @@ class FairWorker:
                                   running=len(self.running))
             target = max(1, min(self.settings.prefetch_batches * self.settings.max_batch_size, cap))
             wants = self.scheduler.plan_reservations(pool, target, self.cost.per_image)
-            # Tasks displaced by a newcomer in fair order wait one batch more: allow one batch over the cap.
-            wants = _trim(wants, cap + self.settings.max_batch_size - sum(pool.values()))
+            # Tasks a newcomer displaces in fair order wait one batch more: where the window holds
+            # two batches, allow one batch over the cap for them (urgency bounds their wait).
+            slack = target if cap >= 2 * target else 0
+            wants = _trim(wants, cap + slack - sum(pool.values()))
             if not wants:
                 return
             if all(self.scheduler.dry_for(j) > 0 for j in wants):
@@ -456,7 +495,7 @@ class FairWorker:
                          self.name, job_id, key[1] if key else "?", r.num_delivered)
                 continue
             if r.task is not None:
-                held.image = asyncio.create_task(self.loader.load(r.task.image_url))  # type: ignore[union-attr]
+                held.image = asyncio.create_task(self.loader.load(r.task.image_url, self._prepare))  # type: ignore[union-attr]
                 held.image.add_done_callback(_consume_exception)
             queue.append(held)
         if redelivered:

@@ -12,8 +12,12 @@ def load_model(settings: WorkerSettings) -> Model:
         from antenna_flows.models.sim import SimModel
 
         return SimModel(settings.sim_seconds_per_image, settings.sim_seconds_per_batch)
+    import torch
+
     from antenna_flows.models.ami import AmiModel  # noqa: PLC0415 - torch is heavy
 
+    if settings.torch_threads:
+        torch.set_num_threads(settings.torch_threads)
     return AmiModel.from_settings(settings)
 
 

@@ -8,7 +8,7 @@ NATS heartbeats, downloads and result posts while it runs.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from PIL import Image
 
@@ -17,10 +17,15 @@ from antenna_flows.schemas import PipelineProcessingTask, PipelineResultsRespons
 
 @dataclass(slots=True)
 class ImageInput:
-    """A decoded image (RGB) and the task it came from."""
+    """A decoded image and the task it came from.
+
+    ``image`` is an RGB PIL image, or whatever the model's optional
+    ``host_tensor(image)`` made of it in the loader thread (the worker calls it
+    there when the model has one, to keep pixel conversion off the slot).
+    """
 
     task: PipelineProcessingTask
-    image: Image.Image
+    image: Image.Image | Any
 
 
 class UnknownPipeline(LookupError):
