@@ -384,6 +384,38 @@ def run_bench_command(args: argparse.Namespace) -> int:
     return 0 if report["lost"] == 0 else 3
 
 
+def add_compare(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "compare",
+        help="Run one scenario as fair/Prefect, fair/plain and drain side by side; print the ratios.",
+        description="The figures of BENCHMARKS.md: the fair worker under Prefect and plain (--fair-runs each) and "
+        "the upstream drain pattern (--drain-runs, its random job choice makes it swing), interleaved on this "
+        "machine in one invocation, medians and ratios at the end.",
+    )
+    parser.add_argument("--scenario", required=True, help="Scenario JSON file or bundled name.")
+    parser.add_argument("--fair-runs", type=int, default=2, help="Repeats of each fair variant (default 2).")
+    parser.add_argument("--drain-runs", type=int, default=3, help="Repeats of the drain baseline (default 3).")
+    parser.add_argument("--small", type=int, default=10, help="Jobs of at most this many images count as small.")
+    parser.add_argument("--json", type=Path, default=None, metavar="OUT.json", help="Write every report here.")
+    parser.add_argument("--out-dir", type=Path, default=None, help="Keep worker logs and metrics here.")
+    parser.set_defaults(func=run_compare_command)
+
+
+def run_compare_command(args: argparse.Namespace) -> int:
+    import json
+
+    from antenna_flows.bench import Scenario
+    from antenna_flows.compare import compare, format_comparison
+
+    result = compare(Scenario.load(scenario_path(args.scenario)), args.fair_runs, args.drain_runs, args.small,
+                     args.out_dir)
+    print(format_comparison(result))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
 # --- register ---------------------------------------------------------------------------------------
 
 
@@ -415,7 +447,7 @@ def run_register(args: argparse.Namespace) -> int:
 # --- the command ----------------------------------------------------------------------------------------
 
 SUBCOMMANDS: list[Callable[[Any], None]] = [
-    add_demo, add_worker, add_bench, add_devstack, add_submit, add_jobs, add_register,
+    add_demo, add_worker, add_bench, add_compare, add_devstack, add_submit, add_jobs, add_register,
 ]
 
 

@@ -82,15 +82,17 @@ class CostModel:
         self._s[pipeline] = sample if old is None else (1 - self.alpha) * old + self.alpha * sample
 
 
-def reservation_cap(ack_wait_s: float, fraction: float, seconds_per_image: float, running: int = 0) -> int:
+def reservation_cap(ack_wait_s: float, fraction: float, seconds_per_image: float, busy_for_s: float = 0.0) -> int:
     """Most reserved-but-not-started tasks such that all start within ``fraction * ack_wait``.
 
-    ``running`` images still ahead of them on the slot count against the window.
-    Never below 1: a single image slower than the window is covered by +WPI heartbeats.
+    ``busy_for_s`` is how long the slot is still expected to be busy before the
+    first of them can start. May be 0: then nothing should wait reserved (the
+    worker still takes one batch when the slot is about to free, see
+    ``prefetch_lead_s``; +WPI covers a single image slower than the window).
     """
     if seconds_per_image <= 0:
         return 1 << 30
-    return max(1, math.floor(fraction * ack_wait_s / seconds_per_image) - running)
+    return max(0, math.floor((fraction * ack_wait_s - busy_for_s) / seconds_per_image))
 
 
 @dataclass

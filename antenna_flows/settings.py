@@ -116,6 +116,9 @@ class WorkerSettings(BaseSettings):
     prefetch_batches: int = Field(
         1, ge=1, description="Batches reserved and decoded ahead of the slot (within the reservation cap)."
     )
+    prefetch_lead_s: float = Field(
+        2.0, ge=0, description="When not even one image fits the window, reserve the next this long before the slot frees."
+    )
     initial_seconds_per_image: float = Field(
         1.0, gt=0, description="Slot seconds per image assumed until the first batch is measured."
     )

@@ -132,6 +132,8 @@ class FairWorker:
         self.jobs: dict[int, JobInfo] = {}
         self.pool: dict[int, deque[Held]] = {}
         self.running: list[Held] = []  # in the batch on the slot
+        self._running_pipeline = ""
+        self._running_since = 0.0
         self.posting: dict[int, Held] = {}  # id(held) -> held: results computed, not yet acked
         self.answered: OrderedDict[tuple[int, str], None] = OrderedDict()
         self.client: AntennaClient | None = None
@@ -413,6 +415,13 @@ class FairWorker:
         cap = reservation_cap(self._ack_wait_s(), self.settings.reserve_fraction, self._per_image_s())
         return max(1, min(self.settings.max_batch_size, cap))
 
+    def _busy_for_s(self) -> float:
+        """How long the slot is still expected to be busy with the batch it runs."""
+        if not self.running:
+            return 0.0
+        expected = len(self.running) * self.cost.per_image(self._running_pipeline)
+        return max(0.0, expected - (self.clock() - self._running_since))
+
     async def _reserver_loop(self) -> None:
         while not self._stop.is_set():
             self._wake_reserver.clear()
@@ -434,9 +443,15 @@ class FairWorker:
             if self._stop.is_set():
                 return
             pool = self._pool_counts()
-            cap = reservation_cap(self._ack_wait_s(), self.settings.reserve_fraction, self._per_image_s(),
-                                  running=len(self.running))
-            target = max(1, min(self.settings.prefetch_batches * self.settings.max_batch_size, cap))
+            busy_for = self._busy_for_s()
+            cap = reservation_cap(self._ack_wait_s(), self.settings.reserve_fraction, self._per_image_s(), busy_for)
+            target = min(self.settings.prefetch_batches * self.settings.max_batch_size, cap)
+            if target < 1:
+                # The window cannot hold a prefetched image (slow model, short ack_wait): take the
+                # next one only when the slot is about to free, early enough to download it.
+                if pool or busy_for > self.settings.prefetch_lead_s:
+                    return
+                target = cap = 1
             wants = self.scheduler.plan_reservations(pool, target, self.cost.per_image)
             # Tasks a newcomer displaces in fair order wait one batch more: where the window holds
             # two batches, allow one batch over the cap for them (urgency bounds their wait).
@@ -589,6 +604,7 @@ class FairWorker:
 
     async def _run_batch(self, pipeline: str, counts: dict[int, int], batch: list[Held]) -> BatchOutcome:
         self.running = batch
+        self._running_pipeline, self._running_since = pipeline, self.clock()
         self._wake_reserver.set()  # room in the pool: reserve the batch after this one now
         loop = asyncio.get_running_loop()
         results: list[tuple[Held, PipelineResultsResponse | PipelineResultsError]] = []

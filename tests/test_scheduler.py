@@ -209,9 +209,10 @@ def test_remove_and_weight_validation():
 
 def test_reservation_cap():
     assert reservation_cap(ack_wait_s=4, fraction=0.5, seconds_per_image=0.05) == 40
-    assert reservation_cap(ack_wait_s=4, fraction=0.5, seconds_per_image=0.05, running=8) == 32
+    assert reservation_cap(ack_wait_s=4, fraction=0.5, seconds_per_image=0.05, busy_for_s=0.4) == 32
     assert reservation_cap(ack_wait_s=30, fraction=0.5, seconds_per_image=4.0) == 3
-    assert reservation_cap(ack_wait_s=2, fraction=0.5, seconds_per_image=4.0) == 1
+    assert reservation_cap(ack_wait_s=30, fraction=0.5, seconds_per_image=4.0, busy_for_s=14) == 0
+    assert reservation_cap(ack_wait_s=2, fraction=0.5, seconds_per_image=4.0) == 0
 
 
 def test_cost_model_ewma():
