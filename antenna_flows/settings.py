@@ -93,6 +93,14 @@ class WorkerSettings(BaseSettings):
     antenna_api_url: str = Field(DEFAULT_API_URL, description="Base URL of Antenna's API (ending in /api/v2).")
     antenna_api_token: str = Field(DEFAULT_TOKEN, description="Antenna API token (sent as 'Authorization: Token ...').")
     nats_url: str = Field("nats://127.0.0.1:4222", description="NATS server the job streams live on.")
+    transport: Literal["nats", "rest"] = Field(
+        "nats",
+        description="How tasks are reserved: 'nats' (JetStream directly: +WPI, nak, advisories) or 'rest' "
+        "(Antenna's POST /jobs/{id}/tasks/ only, for workers that cannot reach NATS).",
+    )
+    rest_ack_wait_s: float = Field(
+        300.0, gt=0, description="rest transport: Antenna's NATS_TASK_TTR, which the worker cannot read itself."
+    )
     pipelines: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
         description="Pipeline slugs this worker serves, comma separated (empty: every pipeline the model kind knows).",

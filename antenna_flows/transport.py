@@ -15,7 +15,6 @@ and keeps the same scheduler, batching and accounting.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from typing import Awaitable, Callable, Protocol
 
@@ -148,4 +147,4 @@ class RestTransport:
         pass
 
     async def close(self) -> None:
-        await asyncio.sleep(0)
+        """The API client belongs to the worker, which closes it."""

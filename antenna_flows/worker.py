@@ -55,7 +55,7 @@ from antenna_flows.schemas import (
     TaskResult,
 )
 from antenna_flows.settings import WorkerSettings
-from antenna_flows.transport import NatsTransport, Transport
+from antenna_flows.transport import NatsTransport, RestTransport, Transport
 
 log = logging.getLogger(__name__)
 
@@ -64,9 +64,9 @@ MAX_PENDING_POSTS = 4  # batches waiting to be posted before the slot waits (bac
 POSTERS = 2  # result posts in flight at once (as upstream's two threads)
 REPORT_INTERVAL_S = 30.0
 RESERVE_TICK_S = 0.25  # re-plan at least this often (dry jobs come back, redeliveries appear)
-HEARTBEAT_TICK_S = 0.1
+HEARTBEAT_TICK_S = 0.1  # how often held tasks are checked for a due +WPI
 WARMUP_SIZE = (1024, 768)  # the detector resizes to 800-1333 px whatever the input
-ADVISORY_FOLLOW_UPS_S = (0.02, 0.1, 0.25, 0.5)  # polls after a stream-created advisory, until a job joins  # how often held tasks are checked for a due +WPI
+ADVISORY_FOLLOW_UPS_S = (0.05, 0.2, 0.5)  # polls after a stream-created advisory, until a job joins
 
 
 class FatalWorkerError(RuntimeError):
@@ -174,7 +174,10 @@ class FairWorker:
             concurrency=s.download_concurrency,
         )
         if self.transport is None:
-            self.transport = await NatsTransport.connect(s.nats_url, name=f"antenna-flows-worker {self.name}")
+            if s.transport == "rest":
+                self.transport = RestTransport(self.client, s.rest_ack_wait_s)
+            else:
+                self.transport = await NatsTransport.connect(s.nats_url, name=f"antenna-flows-worker {self.name}")
         self._install_signal_handlers()
         await self._prepare_models()
         background = [
@@ -346,7 +349,8 @@ class FairWorker:
                 except StreamGone:
                     continue  # listed but no queue yet (CREATED/PENDING), or already gone
                 self.jobs[item.id] = JobInfo(item.id, pipeline, item.priority, ack_wait, now)
-                self.scheduler.add(item.id, pipeline, item.priority)
+                credit = self.settings.max_batch_size * self.cost.per_image(pipeline)
+                self.scheduler.add(item.id, pipeline, item.priority, credit_s=credit)
                 self.ledger.job(item.id, pipeline, item.priority)
                 log.info("worker %s: job %s (%s, priority %d, ack_wait %.0fs) joined the rotation",
                          self.name, item.id, pipeline, item.priority, ack_wait)

@@ -250,3 +250,12 @@ async def test_metrics_lines_record_batches(stack, aadmin, tmp_path: Path):
     rows = [json.loads(line) for line in metrics.read_text().splitlines()]
     assert sum(r["n"] for r in rows) == 10
     assert all(r["slot_s"] > 0 and r["max_reserved_idle_s"] >= 0 for r in rows)
+
+
+async def test_rest_transport_serves_jobs_through_the_api_alone(stack, aadmin):
+    """No NATS for the worker: tasks reserved with POST /tasks/, acked by Antenna when it saves."""
+    job = stack.create_job(PIPELINE, 10, job_id=198)
+    worker = worker_for(settings_for(stack, transport="rest", nats_url="nats://127.0.0.1:1", rest_ack_wait_s=2.0))
+    await serve_until([worker], all_answered(aadmin, job.id))
+    job = await aadmin.job(job.id)
+    assert (job.results, job.duplicates, job.redeliveries) == (10, 0, 0)

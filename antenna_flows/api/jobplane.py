@@ -367,6 +367,9 @@ class JobPlane:
                 self.store.set_stats(job_id, await queue.stats(job_id))
                 self._gone_reported.discard(job_id)
             except StreamGone:
+                job = self.store.job(job_id)
+                if job is None or not job.active:  # it finished while this round ran
+                    continue
                 if job_id not in self._gone_reported:
                     self._gone_reported.add(job_id)
                     log.warning("job %s is active but its stream or consumer is gone: it cannot progress", job_id)
