@@ -148,6 +148,7 @@ class FairWorker:
         self._warned_pipelines: set[str] = set()
         self._loaded: set[str] = set()
         self._prepare = getattr(model, "host_tensor", None)  # model-specific pixel prep, done in loader threads
+        self._decode = getattr(model, "decode", None)  # model's fast decoder (bytes -> prepared), tried before PIL
         self._metrics = open(settings.metrics_file, "a", buffering=1) if settings.metrics_file else None  # noqa: SIM115
         self._sessions = 0
         self._ready_parts: set[str] = set()
@@ -514,7 +515,7 @@ class FairWorker:
                          self.name, job_id, key[1] if key else "?", r.num_delivered)
                 continue
             if r.task is not None:
-                held.image = asyncio.create_task(self.loader.load(r.task.image_url, self._prepare))  # type: ignore[union-attr]
+                held.image = asyncio.create_task(self.loader.load(r.task.image_url, self._prepare, self._decode))  # type: ignore[union-attr]
                 held.image.add_done_callback(_consume_exception)
             queue.append(held)
         if redelivered:

@@ -23,6 +23,17 @@ Needs only torch, torchvision, timm, numpy and pillow (no pydantic): the package
     python3 deployments/gpu_bench.py                 # GPU, 4096x2160 (writes $OUT/gpu_bench.json)
     python3 deployments/gpu_bench.py --cpu           # this machine's CPU, 640x480
     python3 deployments/gpu_bench.py --cpu --small   # smoke test, a few seconds
+
+``--feed`` measures what the worker does instead (writes $OUT/gpu_feed.json): 4096x2160 JPEG
+bytes in memory, decoded + prepared by a pool of N threads for the next batches while the
+current one runs (bf16, batch 16), per decode method: "pil" (PIL decode + host_tensor, the
+loader's fallback path), "torchvision" (``Engine.decode``: libjpeg-turbo straight to a pinned
+tensor, the loader's fast path), "nvjpeg" (threads only wrap the bytes; the slot thread
+batch-decodes them on the GPU before the pipeline) and "predecoded" (tensors made beforehand:
+the ceiling). Reports images/s, how busy the slot and the GPU were, and decode ms per image.
+
+    python3 deployments/gpu_bench.py --feed                   # GPU
+    python3 deployments/gpu_bench.py --feed --cpu --small     # smoke test
 """
 
 from __future__ import annotations
@@ -240,6 +251,201 @@ def decode_costs(frame: Image.Image, device: str, count: int) -> dict[str, float
     return costs
 
 
+FEED_METHODS = ("pil", "torchvision", "nvjpeg", "predecoded")
+
+
+class Feed:
+    """A stream of JPEG frames decoded by ``threads`` pool threads, ``ahead`` batches ahead of
+    the batch on the slot (the worker's loader prepares reserved images the same way).
+
+    ``run(n)`` runs ``n`` batches on the calling thread (the slot) and returns the wall time,
+    the time the slot waited for decoded images, the time in the pipeline and the per-image
+    decode seconds (in-thread wall time for CPU methods, slot time for nvjpeg)."""
+
+    def __init__(self, engine: Any, models: dict[str, Any], jpegs: list[bytes], boxes: list[torch.Tensor],
+                 batch_size: int, method: str, threads: int, ahead: int = 2):
+        import io  # noqa: PLC0415
+        from collections import deque  # noqa: PLC0415
+        from concurrent.futures import ThreadPoolExecutor  # noqa: PLC0415
+
+        from torchvision.io import ImageReadMode, decode_jpeg  # noqa: PLC0415
+
+        self.engine, self.models, self.jpegs, self.boxes = engine, models, jpegs, boxes
+        self.batch_size, self.method, self.ahead = batch_size, method, ahead
+        self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="decode")
+        self.pending: deque[Any] = deque()
+        self.next_index = self.consumed = 0
+        self._decode_jpeg, self._rgb = decode_jpeg, ImageReadMode.RGB
+        predecoded = [engine.decode(j) for j in jpegs] if method == "predecoded" else []
+
+        def pil(data: bytes) -> torch.Tensor:  # what ImageLoader.decode + AmiModel.host_tensor do
+            image = Image.open(io.BytesIO(data))
+            image.load()
+            return engine.host_tensor(image.convert("RGB") if image.mode != "RGB" else image)
+
+        self._decode = {
+            "pil": pil,
+            "torchvision": engine.decode,
+            "nvjpeg": lambda data: torch.frombuffer(bytearray(data), dtype=torch.uint8),
+            "predecoded": None,
+        }[method]
+        self._predecoded = predecoded
+
+    def _work(self, index: int) -> tuple[Any, float]:
+        start = time.perf_counter()
+        frame = index % len(self.jpegs)
+        value = self._predecoded[frame] if self._decode is None else self._decode(self.jpegs[frame])
+        return value, time.perf_counter() - start
+
+    def _fill(self, upto: int) -> None:
+        while self.next_index < upto:
+            self.pending.append((self.next_index, self.pool.submit(self._work, self.next_index)))
+            self.next_index += 1
+
+    def run(self, batches: int) -> dict[str, Any]:
+        detector, binary, classifier = self.models["detector"], self.models["binary"], self.models["classifier"]
+        waited = busy = 0.0
+        decode_s: list[float] = []
+        start = time.perf_counter()
+        for _ in range(batches):
+            self._fill(self.consumed + (1 + self.ahead) * self.batch_size)
+            t = time.perf_counter()
+            picks, images = [], []
+            for _ in range(self.batch_size):
+                index, future = self.pending.popleft()
+                value, seconds = future.result()
+                picks.append(index % len(self.jpegs))
+                images.append(value)
+                decode_s.append(seconds)
+            self.consumed += self.batch_size
+            self._fill(self.consumed + (1 + self.ahead) * self.batch_size)  # decode ahead while this batch runs
+            t2 = time.perf_counter()
+            waited += t2 - t
+            if self.method == "nvjpeg":
+                device = "cuda" if self.engine.device.type == "cuda" else "cpu"
+                images = self._decode_jpeg(images, mode=self._rgb, device=device)
+                if device == "cuda":
+                    torch.cuda.synchronize(self.engine.device)
+                decode_s[-self.batch_size:] = [(time.perf_counter() - t2) / self.batch_size] * self.batch_size
+            detector.module.boxes = [self.boxes[p] for p in picks]
+            out = self.engine.run(images, classifier, detector=detector, binary=binary)
+            for stage in (out.binary, out.terminal):
+                if stage is not None:
+                    stage.scores.tolist(), stage.logits.tolist()
+            busy += time.perf_counter() - t2
+        return {"wall": time.perf_counter() - start, "waited": waited, "busy": busy, "decode_s": decode_s}
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+def bench_feed(engine: Any, models: dict[str, Any], jpegs: list[bytes], boxes: list[torch.Tensor], batch_size: int,
+               method: str, threads: int, warmup: int, batches: int, busy_batches: int) -> dict[str, Any]:
+    feed = Feed(engine, models, jpegs, boxes, batch_size, method, threads)
+    try:
+        feed.run(warmup)
+        with SmiSampler(engine.device.index or 0) if engine.device.type == "cuda" else _null() as smi:
+            r = feed.run(batches)
+        decode = r["decode_s"]
+        result = {
+            "method": method, "threads": threads, "precision": engine.precision, "batch_size": batch_size,
+            "images_per_s": round(batches * batch_size / r["wall"], 2),
+            "batch_s": round(r["wall"] / batches, 4),
+            "slot_busy_fraction": round(r["busy"] / r["wall"], 3),
+            "slot_wait_s_per_batch": round(r["waited"] / batches, 4),
+            "decode_ms_per_image": round(1000 * statistics.fmean(decode), 2),
+            "decode_ms_p90": round(1000 * sorted(decode)[int(0.9 * (len(decode) - 1))], 2),
+            "decode_where": {"nvjpeg": "slot (GPU, batched)", "predecoded": "none"}.get(method, "pool threads (CPU)"),
+        }
+        if engine.device.type == "cuda":
+            result["gpu_util_nvidia_smi"] = smi.mean()
+            if busy_batches:
+                result["gpu_busy_fraction"] = gpu_busy_fraction(lambda: feed.run(busy_batches))
+        return result
+    finally:
+        feed.close()
+
+
+def encode_jpegs(frames: list[Image.Image], quality: int = 90) -> list[bytes]:
+    import io  # noqa: PLC0415
+
+    out = []
+    for frame in frames:
+        buffer = io.BytesIO()
+        frame.save(buffer, "JPEG", quality=quality)
+        out.append(buffer.getvalue())
+    return out
+
+
+def main_feed(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    """The fed pipeline: decode threads feeding the slot, per decode method and thread count."""
+    started = time.perf_counter()
+    device = "cpu" if args.cpu else "cuda"
+    if device == "cuda" and not torch.cuda.is_available():
+        parser.error("no CUDA device; use --cpu")
+    width, height = map(int, (args.size or ("640x480" if args.cpu else "4096x2160")).lower().split("x"))
+    if args.small:
+        width, height = min(width, 320), min(height, 240)
+    batch_size = int((args.batch_sizes or ("2" if args.small else "4" if args.cpu else "16")).split(",")[0])
+    precision = (args.precisions or ("fp32" if args.cpu else "bf16")).split(",")[0]
+    threads = [int(t) for t in (args.threads or ("2" if args.cpu else "8,16")).split(",")]
+    methods = (args.methods or ",".join(FEED_METHODS)).split(",")
+    unknown = set(methods) - set(FEED_METHODS)
+    if unknown:
+        parser.error(f"unknown methods {sorted(unknown)} (of {', '.join(FEED_METHODS)})")
+    moths = 3 if args.small else args.moths
+    batches = args.batches or (2 if args.small else 3 if args.cpu else 10)
+    warmup = 1 if args.small else args.warmup
+    pipeline = registry.get_pipeline(args.pipeline)
+    if args.small:
+        pipeline = dataclasses.replace(pipeline, detector=dataclasses.replace(pipeline.detector, min_size=160, max_size=224))
+    weights_dir = Path(tempfile.mkdtemp(prefix="ami-bench-weights-"))
+    report: dict[str, Any] = {
+        "mode": "feed",
+        "device": torch.cuda.get_device_name(0) if device == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
+        "cpu_cores": os.cpu_count(),
+        "versions": {"torch": torch.__version__, "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version()},
+        "pipeline": pipeline.slug, "image_size": [width, height], "moths_per_frame": moths,
+        "method": "JPEG bytes (quality 90) in memory, decoded by a thread pool 2 batches ahead of the slot; "
+                  "random weights, injected boxes (see gpu_bench.py); gpu_busy_fraction over extra profiled "
+                  "batches of the same fed loop (waits included)",
+        "configs": [],
+    }
+    out_path = Path(args.out) / "gpu_feed.json" if args.out else None
+    try:
+        t = time.perf_counter()
+        write_weights(pipeline, weights_dir, species_classes=None if not args.small else 20)
+        frames, boxes = synth_frames(4 if args.small else 8, width, height, moths)
+        jpegs = encode_jpegs(frames)
+        report["jpeg_kib"] = [len(j) // 1024 for j in jpegs]
+        report["setup_s"] = round(time.perf_counter() - t, 1)
+        print(f"setup {report['setup_s']}s: {len(jpegs)} JPEGs {width}x{height}, {moths} moths each", flush=True)
+        report["decode_ms_per_image_single"] = decode_costs(frames[0], device, batch_size)
+        print("decode ms/image", json.dumps(report["decode_ms_per_image_single"]), flush=True)
+        del frames
+        engine = engine_mod.Engine(weights_dir, device=device, precision=precision)
+        models = {"detector": engine.load_detector(pipeline.detector),
+                  "binary": engine.load_classifier(pipeline.binary) if pipeline.binary else None,
+                  "classifier": engine.load_classifier(pipeline.classifier)}
+        models["detector"].module = InjectBoxes(models["detector"].module)
+        plan = [(m, n) for m in methods for n in (threads if m in ("pil", "torchvision") else threads[:1])]
+        for method, n in plan:
+            if time.perf_counter() - started > args.budget_s:
+                report.setdefault("skipped", []).append(f"{method}/{n}")
+                continue
+            result = bench_feed(engine, models, jpegs, boxes, batch_size, method, n, warmup, batches,
+                                busy_batches=2 if device == "cuda" else 0)
+            report["configs"].append(result)
+            print(json.dumps(result), flush=True)
+            _write(out_path, report)
+    finally:
+        shutil.rmtree(weights_dir, ignore_errors=True)
+        report["total_s"] = round(time.perf_counter() - started, 1)
+        _write(out_path, report)
+    print(json.dumps({k: v for k, v in report.items() if k != "configs"}, indent=1))
+    return 0
+
+
 class _null:
     def __enter__(self) -> None:
         return None
@@ -261,7 +467,12 @@ def main() -> int:
     parser.add_argument("--batches", type=int, help="timed batches per configuration (default 5 GPU, 3 CPU)")
     parser.add_argument("--budget-s", type=float, default=200.0, help="skip remaining configurations after this long")
     parser.add_argument("--out", default=os.environ.get("OUT"), help="directory for gpu_bench.json (default $OUT)")
+    parser.add_argument("--feed", action="store_true", help="fed pipeline: JPEG bytes decoded by threads (gpu_feed.json)")
+    parser.add_argument("--threads", help="--feed: comma separated decode thread counts (default 8,16 on GPU)")
+    parser.add_argument("--methods", help=f"--feed: comma separated of {','.join(FEED_METHODS)} (default all)")
     args = parser.parse_args()
+    if args.feed:
+        return main_feed(args, parser)
 
     started = time.perf_counter()
     device = "cpu" if args.cpu else "cuda"

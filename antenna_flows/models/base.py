@@ -21,7 +21,9 @@ class ImageInput:
 
     ``image`` is an RGB PIL image, or whatever the model's optional
     ``host_tensor(image)`` made of it in the loader thread (the worker calls it
-    there when the model has one, to keep pixel conversion off the slot).
+    there when the model has one, to keep pixel conversion off the slot), or
+    what its optional ``decode(data)`` made of the downloaded bytes (tried
+    first; it returns None for formats it leaves to PIL + ``host_tensor``).
     """
 
     task: PipelineProcessingTask
