@@ -111,20 +111,13 @@ class FairScheduler:
             self._last_vtime = max(self._last_vtime, min(live))
         return self._last_vtime
 
-    def add(
-        self, job_id: int, pipeline: str, priority: int = 0, weight: float = 1.0, credit_s: float = 0.0
-    ) -> JobEntry:
-        """Join or update priority/weight of a known job.
-
-        A newcomer joins at the current virtual time less ``credit_s`` (of slot seconds):
-        a credit of one batch lets a small job through in the very next batch, and costs
-        the others at most one batch per arrival (like a fair scheduler's sleeper credit).
-        """
+    def add(self, job_id: int, pipeline: str, priority: int = 0, weight: float = 1.0) -> JobEntry:
+        """Join (at the current virtual time) or update priority/weight of a known job."""
         if weight <= 0:
             raise ValueError(f"job {job_id}: weight must be > 0, got {weight}")
         entry = self.jobs.get(job_id)
         if entry is None:
-            entry = JobEntry(job_id, pipeline, priority, weight, vtime=self.virtual_time() - credit_s / weight)
+            entry = JobEntry(job_id, pipeline, priority, weight, vtime=self.virtual_time())
             self.jobs[job_id] = entry
         else:
             entry.pipeline, entry.priority, entry.weight = pipeline, priority, weight

@@ -174,26 +174,27 @@ class FairWorker:
             timeout_s=s.image_timeout_s, max_bytes=s.image_max_bytes, max_pixels=s.image_max_pixels,
             concurrency=s.download_concurrency,
         )
-        if self.transport is None:
-            if s.transport == "rest":
-                self.transport = RestTransport(self.client, s.rest_ack_wait_s)
-            else:
-                self.transport = await NatsTransport.connect(s.nats_url, name=f"antenna-flows-worker {self.name}")
-        self._install_signal_handlers()
-        await self._prepare_models()
-        background = [
-            asyncio.create_task(self._discovery_loop(), name="discovery"),
-            asyncio.create_task(self._reserver_loop(), name="reserver"),
-            asyncio.create_task(self._heartbeat_loop(), name="heartbeat"),
-        ]
-        if s.max_runtime_s:
-            background.append(asyncio.create_task(self._stop_after(s.max_runtime_s), name="max-runtime"))
-        await self.transport.watch_new_jobs(self._on_new_stream)
-        log.info(
-            "worker %s: serving pipelines %s with model %s via %s (%s orchestration)",
-            self.name, sorted(self.served), self.model.kind, self.transport.name, self.orch.name,
-        )
+        background: list[asyncio.Task[Any]] = []
         try:
+            if self.transport is None:
+                if s.transport == "rest":
+                    self.transport = RestTransport(self.client, s.rest_ack_wait_s)
+                else:
+                    self.transport = await NatsTransport.connect(s.nats_url, name=f"antenna-flows-worker {self.name}")
+            self._install_signal_handlers()
+            await self._prepare_models()
+            background = [
+                asyncio.create_task(self._discovery_loop(), name="discovery"),
+                asyncio.create_task(self._reserver_loop(), name="reserver"),
+                asyncio.create_task(self._heartbeat_loop(), name="heartbeat"),
+            ]
+            if s.max_runtime_s:
+                background.append(asyncio.create_task(self._stop_after(s.max_runtime_s), name="max-runtime"))
+            await self.transport.watch_new_jobs(self._on_new_stream)
+            log.info(
+                "worker %s: serving pipelines %s with model %s via %s (%s orchestration)",
+                self.name, sorted(self.served), self.model.kind, self.transport.name, self.orch.name,
+            )
             while not self._stop.is_set():
                 if self._sessions:  # the first session opens at once, so its start-up is not paid by a job
                     await self._wait_for_work()
@@ -207,7 +208,8 @@ class FairWorker:
             for task in background:
                 task.cancel()
             await asyncio.gather(*background, return_exceptions=True)
-            await self._release_all("worker stopping")
+            if self.transport is not None:
+                await self._release_all("worker stopping")
             await self._report(final=True)
             await self._close()
         if self._fatal is not None:
@@ -350,8 +352,7 @@ class FairWorker:
                 except StreamGone:
                     continue  # listed but no queue yet (CREATED/PENDING), or already gone
                 self.jobs[item.id] = JobInfo(item.id, pipeline, item.priority, ack_wait, now)
-                credit = self.settings.max_batch_size * self.cost.per_image(pipeline)
-                self.scheduler.add(item.id, pipeline, item.priority, credit_s=credit)
+                self.scheduler.add(item.id, pipeline, item.priority)
                 self.ledger.job(item.id, pipeline, item.priority)
                 log.info("worker %s: job %s (%s, priority %d, ack_wait %.0fs) joined the rotation",
                          self.name, item.id, pipeline, item.priority, ack_wait)

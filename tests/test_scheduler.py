@@ -234,15 +234,3 @@ def test_urgent_tasks_go_first_then_fair_order():
     _, counts = sched.select_batch({1: 5, 2: 10}, 4, lambda p: 1.0)
     assert counts == {2: 4}
 
-
-def test_join_credit_lets_a_newcomer_through_in_one_batch_and_no_more():
-    clock, sched = make({1: ("p", 0, 1.0), 2: ("p", 0, 1.0)})
-    backlog = {1: 10**6, 2: 10**6}
-    run(sched, clock, backlog, batches=20)
-    credit = 8 * PER_IMAGE
-    sched.add(3, "p", credit_s=credit)
-    history = run(sched, clock, {**backlog, 3: 10**6}, batches=40)
-    assert history[0].get(3, 0) >= 6  # nearly the whole next batch
-    # over the next 40 batches the newcomer gets its third, plus at most the credit (one batch) and a quantum
-    served = sum(h.get(3, 0) for h in history)
-    assert 40 * 8 / 3 - 8 <= served <= 40 * 8 / 3 + 8 + 8, served
