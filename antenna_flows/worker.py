@@ -88,6 +88,10 @@ class Held:
     def reservations(self) -> list[Reservation]:
         return [self.r, *self.twins]
 
+    @property
+    def ready(self) -> bool:
+        return self.image is None or self.image.done()
+
 
 @dataclass
 class JobInfo:
@@ -389,6 +393,23 @@ class FairWorker:
     def _pool_counts(self) -> dict[int, int]:
         return {j: len(q) for j, q in self.pool.items() if q}
 
+    def _ready_counts(self) -> dict[int, int]:
+        """Reserved tasks whose image is loaded (or that need none): what a batch can take now.
+
+        Batches are formed from these only, so a newcomer's downloads never stall
+        the GPU: it runs what is ready, and the newcomer joins the next batch.
+        """
+        counts = {j: sum(1 for h in q if h.ready) for j, q in self.pool.items()}
+        return {j: n for j, n in counts.items() if n}
+
+    def _take_ready(self, job_id: int, n: int) -> list[Held]:
+        """The ``n`` oldest ready tasks of a job, out of its pool."""
+        queue = self.pool[job_id]
+        taken = [h for h in queue if h.ready][:n]
+        for held in taken:
+            queue.remove(held)
+        return taken
+
     def _per_image_s(self) -> float:
         pipelines = {info.pipeline for info in self.jobs.values()} or {""}
         return max(self.cost.per_image(p) for p in pipelines)
@@ -411,7 +432,7 @@ class FairWorker:
             for held in queue:  # oldest first
                 if now - held.r.reserved_at < urgent_age:
                     break
-                n += 1
+                n += held.ready
             if n:
                 out[job_id] = n
         return out
@@ -517,12 +538,17 @@ class FairWorker:
                 continue
             if r.task is not None:
                 held.image = asyncio.create_task(self.loader.load(r.task.image_url, self._prepare, self._decode))  # type: ignore[union-attr]
-                held.image.add_done_callback(_consume_exception)
+                held.image.add_done_callback(self._image_done)
             queue.append(held)
         if redelivered:
             log.info("worker %s: job %s: %d of %d reserved tasks were redeliveries", self.name, job_id, redelivered,
                      len(reservations))
         self.ledger.reserved(job_id, len(reservations), redelivered)
+        self._pool_changed.set()
+
+    def _image_done(self, task: asyncio.Task[Any]) -> None:
+        if not task.cancelled():
+            task.exception()  # retrieved here; the batch reads it again and answers with an error result
         self._pool_changed.set()
 
     def _find_held(self, key: tuple[int, str]) -> Held | None:
@@ -585,22 +611,22 @@ class FairWorker:
     async def _slot_loop(self, deadline: float) -> None:
         idle_since = self.clock()
         while not self._stop.is_set() and self.clock() < deadline:
-            pool = self._pool_counts()
-            if not pool:
-                if self.clock() - idle_since > self.settings.session_idle_s:
+            ready = self._ready_counts()
+            if not ready:
+                if not self._pool_counts() and self.clock() - idle_since > self.settings.session_idle_s:
                     return
                 self._pool_changed.clear()
-                try:
+                try:  # reserved tasks arrive, or their images finish loading
                     await asyncio.wait_for(self._pool_changed.wait(), timeout=RESERVE_TICK_S)
                 except asyncio.TimeoutError:
                     pass
                 continue
-            pipeline, counts = self.scheduler.select_batch(pool, self.batch_limit(), self.cost.per_image,
+            pipeline, counts = self.scheduler.select_batch(ready, self.batch_limit(), self.cost.per_image,
                                                            self._urgent())
             if not counts or pipeline is None:
                 await asyncio.sleep(0.01)
                 continue
-            batch = [self.pool[j].popleft() for j, n in counts.items() for _ in range(n)]
+            batch = [held for j, n in counts.items() for held in self._take_ready(j, n)]
             outcome = await self._run_batch(pipeline, counts, batch)
             assert self._post_queue is not None
             await self._post_queue.put(outcome)
@@ -850,8 +876,3 @@ def _trim(wants: dict[int, int], room: int) -> dict[int, int]:
         out[job_id] = take
         room -= take
     return out
-
-
-def _consume_exception(task: asyncio.Task[Any]) -> None:
-    if not task.cancelled():
-        task.exception()
