@@ -123,6 +123,23 @@ class BenchOptions:
     keep_prefect_server: bool = False
 
 
+# The bench's own Prefect server shares the CPU with what it measures (in production it runs
+# elsewhere): only the services that record flow and task runs, events and logs run.
+LEAN_SERVER_ENV = {
+    "PREFECT_UI_ENABLED": "false",
+    "PREFECT_SERVER_SERVICES_SCHEDULER_ENABLED": "false",
+    "PREFECT_SERVER_SERVICES_LATE_RUNS_ENABLED": "false",
+    "PREFECT_SERVER_SERVICES_FOREMAN_ENABLED": "false",
+    "PREFECT_SERVER_SERVICES_PAUSE_EXPIRATIONS_ENABLED": "false",
+    "PREFECT_SERVER_SERVICES_CANCELLATION_CLEANUP_ENABLED": "false",
+    "PREFECT_SERVER_SERVICES_TRIGGERS_ENABLED": "false",
+    "PREFECT_SERVER_SERVICES_REPOSSESSOR_ENABLED": "false",
+    "PREFECT_SERVER_SERVICES_DB_VACUUM_ENABLED": "false",
+    "PREFECT_SERVER_SERVICES_CLEANUP_RECONCILER_ENABLED": "false",
+    "PREFECT_SERVER_SERVICES_EVENT_LOGGER_ENABLED": "false",
+}
+
+
 class PrefectServer:
     """A ``prefect server start`` of our own on a free port, with a throwaway home."""
 
@@ -136,8 +153,8 @@ class PrefectServer:
         return f"http://127.0.0.1:{self.port}/api"
 
     def start(self, timeout: float = 120.0) -> "PrefectServer":
-        env = {**os.environ, "PREFECT_HOME": str(self.home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-               "PREFECT_API_URL": self.api_url}
+        env = {**os.environ, **LEAN_SERVER_ENV, "PREFECT_HOME": str(self.home),
+               "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_API_URL": self.api_url}
         prefect = Path(sys.executable).parent / "prefect"
         log_file = open(self.home / "server.log", "wb")  # noqa: SIM115
         self.proc = subprocess.Popen(

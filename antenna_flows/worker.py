@@ -157,7 +157,8 @@ class FairWorker:
         self._sessions = 0
         self._ready_parts: set[str] = set()
         self._ready_written = False
-        self._last_report = 0.0
+        self._last_report = time.monotonic()
+        self._reporting: asyncio.Task[None] | None = None
         self.stop_reason = ""
 
     # --- lifecycle ------------------------------------------------------------------
@@ -212,6 +213,8 @@ class FairWorker:
             for task in background:
                 task.cancel()
             await asyncio.gather(*background, return_exceptions=True)
+            if self._reporting is not None:
+                await asyncio.gather(self._reporting, return_exceptions=True)
             if self.transport is not None:
                 await self._release_all("worker stopping")
             await self._report(final=True)
@@ -630,8 +633,10 @@ class FairWorker:
             outcome = await self._run_batch(pipeline, counts, batch)
             assert self._post_queue is not None
             await self._post_queue.put(outcome)
-            if time.monotonic() - self._last_report > REPORT_INTERVAL_S:
-                await self._report(final=False)
+            if time.monotonic() - self._last_report > REPORT_INTERVAL_S and self._reporting is None:
+                # off the slot's path: an artifact write to a busy Prefect API must not idle the GPU
+                self._reporting = asyncio.create_task(self._report(final=False))
+                self._reporting.add_done_callback(lambda _: setattr(self, "_reporting", None))
             idle_since = self.clock()
 
     async def _run_batch(self, pipeline: str, counts: dict[int, int], batch: list[Held]) -> BatchOutcome:
