@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections import Counter
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Mapping
@@ -221,10 +222,7 @@ class FairScheduler:
     ) -> tuple[str | None, dict[int, int]]:
         """From reserved tasks (count per job), the next batch: one pipeline, urgent first, then fair order."""
         pipeline, picks = self._picks(pool, max_batch, cost, urgent)
-        counts: dict[int, int] = {}
-        for job_id in picks:
-            counts[job_id] = counts.get(job_id, 0) + 1
-        return pipeline, counts
+        return pipeline, dict(Counter(picks))
 
     def plan_reservations(
         self, pool: Mapping[int, int], target: int, cost: Callable[[str], float]
@@ -240,10 +238,7 @@ class FairScheduler:
             if have + extra > 0:
                 supply[job_id] = have + extra
         _, picks = self._picks(supply, target, cost)
-        wants: dict[int, int] = {}
-        for job_id in picks:
-            wants[job_id] = wants.get(job_id, 0) + 1
-        return {j: n - pool.get(j, 0) for j, n in wants.items() if n > pool.get(j, 0)}
+        return {j: n - pool.get(j, 0) for j, n in Counter(picks).items() if n > pool.get(j, 0)}
 
     def start_batch(self, pipeline: str, counts: Mapping[int, int], cost: Callable[[str], float]) -> BatchTicket:
         """Charge the batch's jobs on estimate now, so planning the next batch sees it."""

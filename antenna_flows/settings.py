@@ -124,6 +124,9 @@ class WorkerSettings(BaseSettings):
     prefetch_batches: int = Field(
         1, ge=1, description="Batches reserved and decoded ahead of the slot (within the reservation cap)."
     )
+    batch_fill_wait_s: float = Field(
+        0.05, ge=0, description="Longest wait for loading images to fill a batch before running a smaller one."
+    )
     prefetch_lead_s: float = Field(
         2.0, ge=0, description="When not even one image fits the window, reserve the next this long before the slot frees."
     )

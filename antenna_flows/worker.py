@@ -613,8 +613,22 @@ class FairWorker:
 
     async def _slot_loop(self, deadline: float) -> None:
         idle_since = self.clock()
+        free_since: float | None = None  # when the slot last found too little ready to fill a batch
         while not self._stop.is_set() and self.clock() < deadline:
             ready = self._ready_counts()
+            loading = sum(self._pool_counts().values()) - sum(ready.values())
+            if ready and loading and sum(ready.values()) < self.batch_limit():
+                # Dynamic batching: wait a moment for images still loading rather than run a thin batch.
+                free_since = free_since if free_since is not None else self.clock()
+                left = self.settings.batch_fill_wait_s - (self.clock() - free_since)
+                if left > 0:
+                    self._pool_changed.clear()
+                    try:
+                        await asyncio.wait_for(self._pool_changed.wait(), timeout=left)
+                    except asyncio.TimeoutError:
+                        pass
+                    continue
+            free_since = None
             if not ready:
                 if not self._pool_counts() and self.clock() - idle_since > self.settings.session_idle_s:
                     return
