@@ -30,7 +30,7 @@ import httpx
 from pydantic import BaseModel, ConfigDict, Field
 
 from antenna_flows.demo_images import demo_image_urls
-from antenna_flows.api.admin import AntennaAdmin
+from antenna_flows.api.admin import AntennaAdmin, AntennaError
 from antenna_flows.devstack import DevStack
 from antenna_flows.natsserver import free_port
 from antenna_flows.settings import ApiSettings, QueueSettings
@@ -231,7 +231,7 @@ class Bench:
             t0 = time.time()
             submitted, cancelled = self._drive(dev, admin, t0)
             finished_at = time.time()
-            jobs = {j.id: j.model_dump() for j in admin.jobs()}
+            jobs = {j.id: j.model_dump() for j in _retrying(admin.jobs)}
             report = self._report(t0, startup_s, submitted, cancelled, jobs, out_dir)
             report["wall_s"] = round(finished_at - t0, 3)
             return report
@@ -311,7 +311,10 @@ class Bench:
     def _all_done(admin: AntennaAdmin, live: set[int]) -> bool:
         if not live:
             return True
-        jobs = {j.id: j for j in admin.jobs()}
+        try:
+            jobs = {j.id: j for j in admin.jobs()}
+        except AntennaError:  # an injected API outage: look again at the next poll
+            return False
         return all(jid in jobs and jobs[jid].processed >= jobs[jid].total for jid in live)
 
     def _fault(self, fault: FaultSpec, dev: DevStack, admin: AntennaAdmin, cancelled: set[int]) -> None:
@@ -410,6 +413,17 @@ def weights_for(pipelines: set[str], out_dir: Path) -> Path:
     for spec in specs:
         write_random_pipeline(spec, fake)
     return fake
+
+
+def _retrying(read: Any, attempts: int = 50, pause_s: float = 0.2) -> Any:
+    """Read from the API through an injected outage (the bench observes; it does not give up)."""
+    for attempt in range(attempts):
+        try:
+            return read()
+        except AntennaError:
+            if attempt == attempts - 1:
+                raise
+            time.sleep(pause_s)
 
 
 def _r(value: float | None, digits: int = 3) -> float | None:
