@@ -52,6 +52,7 @@ class Job(BaseModel):
     created_at: float
     started_at: float | None = None
     first_result_at: float | None = None
+    last_result_at: float | None = None  # when the job's latest image got its first answer
     completed_at: float | None = None
     cancelled_at: float | None = None
     total: int

@@ -44,6 +44,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     created_at REAL NOT NULL,
     started_at REAL,
     first_result_at REAL,
+    last_result_at REAL,
     completed_at REAL,
     cancelled_at REAL,
     total INTEGER NOT NULL,
@@ -435,9 +436,10 @@ class Store:
         ok = sum(1 for r in new if r.kind == "ok")
         db.execute(
             "UPDATE jobs SET results = results + ?, errors = errors + ?, duplicates = duplicates + ?,"
-            " first_result_at = CASE WHEN first_result_at IS NULL AND ? > 0 THEN ? ELSE first_result_at END"
+            " first_result_at = CASE WHEN first_result_at IS NULL AND ? > 0 THEN ? ELSE first_result_at END,"
+            " last_result_at = CASE WHEN ? > 0 THEN ? ELSE last_result_at END"
             " WHERE id = ?",
-            (ok, len(new) - ok, duplicates, len(new), now, job_id),
+            (ok, len(new) - ok, duplicates, len(new), now, len(new), now, job_id),
         )
         cur = db.execute(
             f"UPDATE jobs SET status = ?, completed_at = ? WHERE id = ? AND status IN ({_marks(ACTIVE_STATES)})"
