@@ -28,6 +28,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from antenna_flows.api.admin import AntennaAdmin, AntennaError
 from antenna_flows.api.models import Job
+from antenna_flows.registration import RegistrationFailed
 from antenna_flows.settings import (
     DEFAULT_API_URL,
     DEFAULT_TOKEN,
@@ -37,6 +38,7 @@ from antenna_flows.settings import (
     QueueSettings,
     WorkerSettings,
 )
+from antenna_flows.worker import FatalWorkerError
 
 log = logging.getLogger("antenna_flows.cli")
 
@@ -476,6 +478,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
     except httpx.TransportError as exc:
         print(f"error: cannot reach the API ({exc}); is `antenna-flows devstack` running?", file=sys.stderr)
+    except FileNotFoundError as exc:  # missing weights or label maps: the message says how to get them
+        print(f"error: {exc}", file=sys.stderr)
+    except (RegistrationFailed, FatalWorkerError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
     return 1
 
 
