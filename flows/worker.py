@@ -1,11 +1,12 @@
 """The fair worker flow: one long-running flow run per GPU.
 
     fair-worker (one run per worker, runs until stopped)
+    ├── reserve-tasks      (task, retries: a few tasks from the jobs next in fair order)
     ├── inference-session  (subflow: a stretch of continuous GPU work)
-    │   ├── reserve-tasks  (task, retries: a few tasks from the jobs next in fair order)
-    │   ├── post-results   (task, retries + backoff: one job's share of a batch)
+    │   ├── post-results   (task, retries + backoff: one batch's results, a request per job)
     │   └── ...
-    ├── inference-session
+    ├── reserve-tasks ...
+    ├── inference-session ...
     └── artifact: worker-<name>-jobs (per-job images, GPU seconds, share, throughput)
 
 Deploy it to a work pool with ``prefect deploy`` (see prefect.yaml) or run it
@@ -36,7 +37,7 @@ _SESSIONS: dict[str, Callable[[], Awaitable[dict[str, Any]]]] = {}
 @flow(name="inference-session", flow_run_name="{worker}-session-{number}", validate_parameters=False,
       persist_result=False)
 async def inference_session(worker: str, number: int) -> dict[str, Any]:
-    """A stretch of continuous GPU work for one worker: reserve, infer, post, until idle or too long."""
+    """A stretch of continuous GPU work for one worker: run batches and post them until idle or too long."""
     summary = await _SESSIONS[worker]()
     get_run_logger().info("session %d: %s", number, summary)
     return summary
