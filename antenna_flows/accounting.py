@@ -5,8 +5,10 @@ Pure bookkeeping (no I/O): the worker records events, readers take snapshots.
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Callable
 
 
@@ -120,3 +122,28 @@ class Ledger:
             row["max_reserved_idle_s"] = round(entry.max_reserved_idle_s, 3)
             out.append(row)
         return out
+
+
+class BatchLog:
+    """One JSON line per batch (the bench reads them: slot seconds, reservation idle times).
+
+    Both the fair worker and the drain baseline write through this, so the bench
+    compares them on one format. A no-op without a path.
+    """
+
+    def __init__(self, path: Path | None, worker: str):
+        self.worker = worker
+        self._file = open(path, "a", buffering=1) if path else None  # noqa: SIM115 - line-buffered, closed by close()
+
+    def write(self, pipeline: str, t_start: float, slot_s: float, jobs: dict[int, int], max_idle_s: float) -> None:
+        if self._file is None:
+            return
+        self._file.write(json.dumps({
+            "worker": self.worker, "pipeline": pipeline, "t_start": t_start, "t_end": time.time(),
+            "slot_s": round(slot_s, 6), "n": sum(jobs.values()), "jobs": {str(k): v for k, v in jobs.items()},
+            "max_reserved_idle_s": round(max_idle_s, 6),
+        }) + "\n")
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()

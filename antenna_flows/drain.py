@@ -20,14 +20,13 @@ about scheduling alone.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-from antenna_flows.accounting import Ledger
+from antenna_flows.accounting import BatchLog, Ledger
 from antenna_flows.antenna_client import AntennaClient, AuthError
 from antenna_flows.imageloader import ImageError, ImageLoader
 from antenna_flows.jobqueue import parse_ack_subject
@@ -60,7 +59,7 @@ class DrainWorker:
         self.ledger = Ledger(worker=self.name)
         self._stop = asyncio.Event()
         self._slot = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"slot-{self.name}")
-        self._metrics = open(settings.metrics_file, "a", buffering=1) if settings.metrics_file else None  # noqa: SIM115
+        self._metrics = BatchLog(settings.metrics_file, self.name)
         self._post_sem = asyncio.Semaphore(MAX_PENDING_POSTS)
         self._posters = asyncio.Semaphore(RESULT_POSTERS)
         self._posts: set[asyncio.Task[Any]] = set()
@@ -103,8 +102,7 @@ class DrainWorker:
             await self.client.aclose()
             await self.loader.aclose()
             self._slot.shutdown(wait=False, cancel_futures=True)
-            if self._metrics:
-                self._metrics.close()
+            self._metrics.close()
         return self.ledger.totals()
 
     async def _sleep(self, seconds: float) -> None:
@@ -181,12 +179,7 @@ class DrainWorker:
                                result=PipelineResultsError(error=str(e), image_id=t.image_id)) for t, e in failed]
         idle = started - batch.reserved_at
         self.ledger.batch({batch.job_id: seconds}, {batch.job_id: len(batch.tasks)}, {batch.job_id: idle})
-        if self._metrics:
-            self._metrics.write(json.dumps({
-                "worker": self.name, "pipeline": pipeline, "t_start": wall_start, "t_end": time.time(),
-                "slot_s": round(seconds, 6), "n": len(batch.tasks), "jobs": {str(batch.job_id): len(batch.tasks)},
-                "max_reserved_idle_s": round(idle, 6),
-            }) + "\n")
+        self._metrics.write(pipeline, wall_start, seconds, {batch.job_id: len(batch.tasks)}, idle)
         await self._post_sem.acquire()
         task = asyncio.create_task(self._post(batch.job_id, results, len(ok), len(failed)))
         self._posts.add(task)

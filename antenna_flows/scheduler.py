@@ -30,7 +30,7 @@ import math
 from collections import Counter
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Mapping
+from typing import Callable, Iterator, Mapping
 
 DRY_BACKOFF_MIN_S = 0.1
 DRY_BACKOFF_MAX_S = 2.0
@@ -101,7 +101,7 @@ class FairScheduler:
     clock: Callable[[], float] = time.monotonic
     jobs: dict[int, JobEntry] = field(default_factory=dict)
     _last_vtime: float = 0.0
-    _tickets: Iterable[int] = field(default_factory=lambda: itertools.count(1))
+    _tickets: Iterator[int] = field(default_factory=lambda: itertools.count(1))
 
     # --- membership ----------------------------------------------------------------
 
@@ -249,7 +249,7 @@ class FairScheduler:
             estimated[job_id] = seconds
             if entry is not None:
                 entry.vtime += seconds / entry.weight
-        return BatchTicket(pipeline, dict(counts), estimated, self.clock(), next(self._tickets))  # type: ignore[call-overload]
+        return BatchTicket(pipeline, dict(counts), estimated, self.clock(), next(self._tickets))
 
     def finish_batch(self, ticket: BatchTicket, seconds: float) -> dict[int, float]:
         """Replace the estimate by each job's measured share of ``seconds``; returns the shares."""

@@ -29,7 +29,6 @@ only counts, so a long flow run holds no per-call results in memory.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import random
 import signal
@@ -40,7 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from antenna_flows.accounting import Ledger
+from antenna_flows.accounting import BatchLog, Ledger
 from antenna_flows.antenna_client import AntennaClient, AuthError, Rejected, Unavailable
 from antenna_flows.demo_images import generate_frame
 from antenna_flows.imageloader import ImageError, ImageLoader
@@ -153,7 +152,7 @@ class FairWorker:
         self._loaded: set[str] = set()
         self._prepare = getattr(model, "host_tensor", None)  # model-specific pixel prep, done in loader threads
         self._decode = getattr(model, "decode", None)  # model's fast decoder (bytes -> prepared), tried before PIL
-        self._metrics = open(settings.metrics_file, "a", buffering=1) if settings.metrics_file else None  # noqa: SIM115
+        self._metrics = BatchLog(settings.metrics_file, self.name)
         self._sessions = 0
         self._ready_parts: set[str] = set()
         self._ready_written = False
@@ -263,8 +262,7 @@ class FairWorker:
         if self.transport:
             await self.transport.close()
         self._slot.shutdown(wait=False, cancel_futures=True)
-        if self._metrics:
-            self._metrics.close()
+        self._metrics.close()
         self.model.close()
 
     def _install_signal_handlers(self) -> None:
@@ -705,12 +703,7 @@ class FairWorker:
         self.ledger.batch(shares, counts, idle)
         for held, _ in results:
             self.posting[id(held)] = held
-        if self._metrics:
-            self._metrics.write(json.dumps({
-                "worker": self.name, "pipeline": pipeline, "t_start": wall_start, "t_end": time.time(),
-                "slot_s": round(seconds, 6), "n": len(batch), "jobs": {str(k): v for k, v in counts.items()},
-                "max_reserved_idle_s": round(max(idle.values(), default=0.0), 6),
-            }) + "\n")
+        self._metrics.write(pipeline, wall_start, seconds, counts, max(idle.values(), default=0.0))
         return BatchOutcome(pipeline, results)
 
     async def _predict(self, pipeline: str, ready: list[tuple[Held, ImageInput]]) -> list[PipelineResultsResponse | PipelineResultsError]:

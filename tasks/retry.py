@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any
 
-from antenna_flows.antenna_client import AuthError, Rejected, Unavailable
+from antenna_flows.antenna_client import AuthError, Rejected
+from antenna_flows.orchestration import RETRYABLE
 
 
 def retryable(task: Any, task_run: Any, state: Any) -> bool:
@@ -13,4 +13,4 @@ def retryable(task: Any, task_run: Any, state: Any) -> bool:
     exc = state.data if isinstance(state.data, BaseException) else None
     if isinstance(exc, (AuthError, Rejected)):
         return False
-    return isinstance(exc, (Unavailable, asyncio.TimeoutError, ConnectionError, OSError)) or exc is None
+    return isinstance(exc, RETRYABLE) or exc is None
