@@ -26,8 +26,8 @@ import httpx
 from pydantic import Field, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from antenna_flows.api.admin import AntennaAdmin, AntennaError
-from antenna_flows.api.models import Job
+from antenna_flows.lab.antenna.admin import AntennaAdmin, AntennaError
+from antenna_flows.lab.antenna.models import Job
 from antenna_flows.registration import RegistrationFailed
 from antenna_flows.settings import (
     DEFAULT_API_URL,
@@ -44,7 +44,7 @@ log = logging.getLogger("antenna_flows.cli")
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 DEFAULT_PIPELINE = "panama_moths_2024"
-SCENARIOS_DIR = Path(__file__).parent / "scenarios"
+SCENARIOS_DIR = Path(__file__).parent / "lab" / "bench" / "scenarios"
 DEFAULT_NATS_PORT = 4222  # the worker's default nats_url: devstack + worker work with no configuration
 
 
@@ -140,7 +140,7 @@ def add_devstack(subparsers: Any) -> None:
 
 
 def run_devstack(args: argparse.Namespace) -> int:
-    from antenna_flows.devstack import DevStack  # uvicorn and FastAPI only for the commands that serve
+    from antenna_flows.lab.antenna.devstack import DevStack  # uvicorn and FastAPI only for the commands that serve
 
     queue: QueueSettings = settings_from_args(QueueSettings, args)
     api: ApiSettings = settings_from_args(ApiSettings, args)
@@ -310,10 +310,15 @@ def add_worker(subparsers: Any) -> None:
 
 
 def run_worker_command(args: argparse.Namespace) -> int:
-    from antenna_flows.runner import run_worker
-
     settings = settings_from_args(WorkerSettings, args)
-    totals = run_worker(settings, args.strategy, args.orchestration, settings_from_args(DrainSettings, args))
+    if args.strategy == "drain":
+        from antenna_flows.lab.bench.drain import run_drain_worker
+
+        totals = run_drain_worker(settings, args.orchestration, settings_from_args(DrainSettings, args))
+    else:
+        from antenna_flows.runner import run_worker
+
+        totals = run_worker(settings, args.orchestration)
     print(f"worker {settings.worker_name} stopped: {totals}")
     return 0
 
@@ -371,7 +376,7 @@ def scenario_path(name: str) -> Path:
 def run_bench_command(args: argparse.Namespace) -> int:
     import json
 
-    from antenna_flows.bench import BenchOptions, Scenario, format_report, run_bench
+    from antenna_flows.lab.bench.bench import BenchOptions, Scenario, format_report, run_bench
 
     scenario = Scenario.load(scenario_path(args.scenario))
     options = BenchOptions(strategy=args.strategy, orchestration=args.orchestration, out_dir=args.out_dir)
@@ -406,8 +411,8 @@ def add_compare(subparsers: Any) -> None:
 def run_compare_command(args: argparse.Namespace) -> int:
     import json
 
-    from antenna_flows.bench import Scenario
-    from antenna_flows.compare import compare, format_comparison
+    from antenna_flows.lab.bench.bench import Scenario
+    from antenna_flows.lab.bench.compare import compare, format_comparison
 
     result = compare(Scenario.load(scenario_path(args.scenario)), args.fair_runs, args.drain_runs, args.small,
                      args.out_dir)

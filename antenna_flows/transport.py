@@ -19,7 +19,7 @@ import logging
 from typing import Awaitable, Callable, Protocol
 
 from antenna_flows.antenna_client import AntennaClient, Rejected
-from antenna_flows.jobqueue import JobQueue, QueueConfig, Reservation, StreamGone
+from antenna_flows.jetstream import JobQueue, QueueConfig, Reservation, StreamGone
 
 log = logging.getLogger(__name__)
 

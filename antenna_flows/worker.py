@@ -41,9 +41,9 @@ from typing import Any, Callable
 
 from antenna_flows.accounting import BatchLog, Ledger
 from antenna_flows.antenna_client import AntennaClient, AuthError, Rejected, Unavailable
-from antenna_flows.demo_images import generate_frame
+from antenna_flows.lab.antenna.demo_images import generate_frame
 from antenna_flows.imageloader import ImageError, ImageLoader
-from antenna_flows.jobqueue import Reservation, StreamGone
+from antenna_flows.jetstream import Reservation, StreamGone
 from antenna_flows.models.base import ImageInput, Model, UnknownPipeline
 from antenna_flows.orchestration import Orchestrator, PlainOrchestrator
 from antenna_flows.scheduler import CostModel, FairScheduler, reservation_cap

@@ -12,10 +12,10 @@ from typing import AsyncIterator, Callable, Iterator
 import httpx
 import pytest
 
-from antenna_flows.api.admin import AntennaAdmin
-from antenna_flows.devstack import DevStack
-from antenna_flows.jobqueue import JobQueue
-from antenna_flows.natsserver import EmbeddedNats
+from antenna_flows.lab.antenna.admin import AntennaAdmin
+from antenna_flows.lab.antenna.devstack import DevStack
+from antenna_flows.lab.antenna.streams import JobStreams
+from antenna_flows.lab.antenna.natsserver import EmbeddedNats
 from antenna_flows.settings import ApiSettings, QueueSettings
 
 StackFactory = Callable[..., DevStack]
@@ -99,9 +99,9 @@ def api(stack: DevStack) -> Iterator[httpx.Client]:
 
 
 @pytest.fixture
-async def nats_queue(nats_server: EmbeddedNats) -> AsyncIterator[JobQueue]:
-    """A JobQueue on the session's nats-server, to look at streams and consumers behind the API's back."""
-    queue = await JobQueue.connect(nats_server.url, name="test-inspector")
+async def nats_queue(nats_server: EmbeddedNats) -> AsyncIterator[JobStreams]:
+    """A JobStreams on the session's nats-server, to look at streams and consumers behind the API's back."""
+    queue = await JobStreams.connect(nats_server.url, name="test-inspector")
     yield queue
     await queue.close()
 

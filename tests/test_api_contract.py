@@ -17,9 +17,10 @@ import pytest
 from nats.js.errors import NotFoundError
 from PIL import Image
 
-from antenna_flows.api.admin import AntennaError, AsyncAntennaAdmin
-from antenna_flows.devstack import DevStack
-from antenna_flows.jobqueue import ADVISORY_STREAM, JobQueue, consumer_name, dlq_name, parse_ack_subject, stream_name
+from antenna_flows.lab.antenna.admin import AntennaError, AsyncAntennaAdmin
+from antenna_flows.lab.antenna.devstack import DevStack
+from antenna_flows.lab.antenna.streams import JobStreams
+from antenna_flows.jetstream import ADVISORY_STREAM, consumer_name, dlq_name, parse_ack_subject, stream_name
 
 PIPELINE = "panama_moths_2024"
 FAST = dict(ack_wait_s=1.0, max_deliver=2)  # where a test must wait for a redelivery
@@ -88,7 +89,7 @@ def wait_for(predicate: Any, timeout: float = 5.0, what: str = "condition") -> N
         time.sleep(0.02)
 
 
-async def stream_exists(queue: JobQueue, job_id: int) -> bool:
+async def stream_exists(queue: JobStreams, job_id: int) -> bool:
     try:
         await queue.js.stream_info(stream_name(job_id))
         return True
@@ -96,7 +97,7 @@ async def stream_exists(queue: JobQueue, job_id: int) -> bool:
         return False
 
 
-async def dlq_exists(queue: JobQueue, job_id: int) -> bool:
+async def dlq_exists(queue: JobStreams, job_id: int) -> bool:
     try:
         await queue.js.consumer_info(ADVISORY_STREAM, dlq_name(job_id))
         return True
@@ -107,7 +108,7 @@ async def dlq_exists(queue: JobQueue, job_id: int) -> bool:
 # --- must show: the NATS contract ---------------------------------------------------------------
 
 
-async def test_reserve_then_result_acks_so_nothing_is_redelivered(stack_factory, nats_queue: JobQueue) -> None:
+async def test_reserve_then_result_acks_so_nothing_is_redelivered(stack_factory, nats_queue: JobStreams) -> None:
     stack = stack_factory(**FAST)
     api = stack.admin.client
     job = stack.create_job(PIPELINE, 2)
@@ -157,7 +158,7 @@ def test_result_posted_twice_is_stored_once_and_counted_as_duplicate(stack: DevS
     assert (progress.results, progress.errors, progress.duplicates, progress.status) == (1, 1, 2, "STARTED")
 
 
-async def test_max_deliver_exhausted_becomes_an_error_result_naming_the_image(stack_factory, nats_queue: JobQueue) -> None:
+async def test_max_deliver_exhausted_becomes_an_error_result_naming_the_image(stack_factory, nats_queue: JobStreams) -> None:
     stack = stack_factory(**FAST)
     api = stack.admin.client
     job = stack.create_job(PIPELINE, 1)
@@ -182,7 +183,7 @@ async def test_max_deliver_exhausted_becomes_an_error_result_naming_the_image(st
 
 
 async def test_completed_job_is_success_with_stats_snapshot_and_streams_deleted(
-    stack: DevStack, api: httpx.Client, nats_queue: JobQueue
+    stack: DevStack, api: httpx.Client, nats_queue: JobStreams
 ) -> None:
     job = stack.create_job(PIPELINE, 3)
     tasks = reserve(api, job.id, 3)
@@ -200,7 +201,7 @@ async def test_completed_job_is_success_with_stats_snapshot_and_streams_deleted(
     assert (stack.admin.job(job.id).duplicates, stack.admin.job(job.id).status) == (1, "SUCCESS")
 
 
-async def test_cancel_deletes_stream_and_consumers(stack: DevStack, api: httpx.Client, nats_queue: JobQueue) -> None:
+async def test_cancel_deletes_stream_and_consumers(stack: DevStack, api: httpx.Client, nats_queue: JobStreams) -> None:
     job = stack.create_job(PIPELINE, 4)
     [task] = reserve(api, job.id)
     assert await nats_queue.exists(job.id) and await dlq_exists(nats_queue, job.id)
@@ -337,7 +338,7 @@ def test_non_json_content_type_is_415(stack: DevStack, api: httpx.Client) -> Non
     assert response.status_code == 415
 
 
-async def test_bad_results_are_rejected_whole(stack: DevStack, api: httpx.Client, nats_queue: JobQueue) -> None:
+async def test_bad_results_are_rejected_whole(stack: DevStack, api: httpx.Client, nats_queue: JobStreams) -> None:
     job = stack.create_job(PIPELINE, 3)
     other = stack.create_job(PIPELINE, 1)
     good, spare = reserve(api, job.id, 2)
@@ -398,7 +399,7 @@ def test_oversized_bodies_are_413_and_not_stored(stack_factory) -> None:
 
 
 async def test_malformed_task_in_the_stream_is_handed_out_blank(
-    stack: DevStack, api: httpx.Client, nats_queue: JobQueue
+    stack: DevStack, api: httpx.Client, nats_queue: JobStreams
 ) -> None:
     job = stack.create_job(PIPELINE, 1)
     for body in (b"not json at all", b'{"id": 7, "image_url": ["x"]}'):
@@ -548,7 +549,7 @@ async def test_async_admin_drives_a_job(stack: DevStack, api: httpx.Client) -> N
         assert missing.value.status == 404
 
 
-async def test_results_for_tasks_reserved_straight_from_jetstream(stack: DevStack, api: httpx.Client, nats_queue: JobQueue) -> None:
+async def test_results_for_tasks_reserved_straight_from_jetstream(stack: DevStack, api: httpx.Client, nats_queue: JobStreams) -> None:
     """The fair worker binds to the consumer itself; its reply subjects are as good as /tasks' ones."""
     job = stack.create_job(PIPELINE, 2)
     reservations = await nats_queue.reserve(job.id, 2)

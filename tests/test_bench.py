@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from antenna_flows.bench import Scenario
+from antenna_flows.lab.bench.bench import Scenario
 
 pytestmark = pytest.mark.slow
 

@@ -12,9 +12,9 @@ import time
 import httpx
 import pytest
 
-from antenna_flows.api.models import Job
+from antenna_flows.lab.antenna.models import Job
 from antenna_flows.cli import add_settings_arguments, build_parser, format_jobs_table, main, settings_from_args
-from antenna_flows.devstack import DevStack
+from antenna_flows.lab.antenna.devstack import DevStack
 from antenna_flows.settings import ApiSettings, QueueSettings, WorkerSettings
 
 

@@ -9,9 +9,9 @@ from typing import AsyncIterator
 
 import pytest
 
-from antenna_flows.jobqueue import (
+from antenna_flows.lab.antenna.streams import JobStreams
+from antenna_flows.jetstream import (
     ADVISORY_STREAM,
-    JobQueue,
     QueueConfig,
     StreamGone,
     consumer_name,
@@ -31,12 +31,12 @@ def tasks(n: int) -> list[PipelineProcessingTask]:
 
 
 @pytest.fixture
-async def queue(nats_queue: JobQueue) -> AsyncIterator[JobQueue]:
+async def queue(nats_queue: JobStreams) -> AsyncIterator[JobStreams]:
     """A queue on the session server whose new jobs get ack_wait 1 s and max_deliver 2."""
-    yield JobQueue(nats_queue.nc, QueueConfig(ack_wait_s=1.0, max_deliver=2, max_ack_pending=100))
+    yield JobStreams(nats_queue.nc, QueueConfig(ack_wait_s=1.0, max_deliver=2, max_ack_pending=100))
 
 
-async def new_job(queue: JobQueue, n: int) -> tuple[int, list[int]]:
+async def new_job(queue: JobStreams, n: int) -> tuple[int, list[int]]:
     job_id = next(_ids)
     await queue.delete_job(job_id)
     await queue.create_job(job_id)
@@ -52,7 +52,7 @@ def test_parse_ack_subject_both_forms() -> None:
         assert parse_ack_subject(bad) is None, bad
 
 
-async def test_create_job_builds_antennas_layout_idempotently(queue: JobQueue) -> None:
+async def test_create_job_builds_antennas_layout_idempotently(queue: JobStreams) -> None:
     job_id, seqs = await new_job(queue, 3)
     await queue.create_job(job_id)  # again: nothing changes
     assert seqs == [1, 2, 3]
@@ -67,7 +67,7 @@ async def test_create_job_builds_antennas_layout_idempotently(queue: JobQueue) -
     assert (await queue.get_task(job_id, 2)).image_id == "1"
 
 
-async def test_fetch_ack_and_stats(queue: JobQueue) -> None:
+async def test_fetch_ack_and_stats(queue: JobStreams) -> None:
     job_id, _ = await new_job(queue, 3)
     msgs = await queue.fetch(job_id, 2)
     assert [parse_ack_subject(m.reply).stream_seq for m in msgs] == [1, 2]
@@ -80,7 +80,7 @@ async def test_fetch_ack_and_stats(queue: JobQueue) -> None:
     assert time.monotonic() - started < 1.5  # an empty fetch costs its 0.5 s timeout, no more
 
 
-async def test_concurrent_fetches_share_nothing(queue: JobQueue) -> None:
+async def test_concurrent_fetches_share_nothing(queue: JobStreams) -> None:
     job_id, _ = await new_job(queue, 5)
     batches = await asyncio.gather(*(queue.fetch(job_id, 3) for _ in range(3)))
     seqs = [parse_ack_subject(m.reply).stream_seq for batch in batches for m in batch]
@@ -89,7 +89,7 @@ async def test_concurrent_fetches_share_nothing(queue: JobQueue) -> None:
     assert (await queue.stats(job_id)).ack_pending == 5  # none reserved without being handed out
 
 
-async def test_redelivery_after_ack_wait_is_counted_cumulatively(queue: JobQueue) -> None:
+async def test_redelivery_after_ack_wait_is_counted_cumulatively(queue: JobStreams) -> None:
     job_id, _ = await new_job(queue, 1)
     [first] = await queue.fetch(job_id, 1)
     await asyncio.sleep(1.2)
@@ -101,7 +101,7 @@ async def test_redelivery_after_ack_wait_is_counted_cumulatively(queue: JobQueue
     assert (stats.redelivered, stats.redeliveries, stats.ack_pending) == (0, 1, 0)  # num_redelivered forgets, we don't
 
 
-async def test_dead_letter_advisory_names_the_stream_seq(queue: JobQueue) -> None:
+async def test_dead_letter_advisory_names_the_stream_seq(queue: JobStreams) -> None:
     job_id, _ = await new_job(queue, 2)
     [msg] = await queue.fetch(job_id, 1)
     seq = parse_ack_subject(msg.reply).stream_seq
@@ -122,7 +122,7 @@ async def test_dead_letter_advisory_names_the_stream_seq(queue: JobQueue) -> Non
     assert await queue.dead_letters(job_id) == []  # read advisories are acked
 
 
-async def test_deleted_job_is_stream_gone_everywhere(queue: JobQueue) -> None:
+async def test_deleted_job_is_stream_gone_everywhere(queue: JobStreams) -> None:
     job_id, _ = await new_job(queue, 2)
     assert len(await queue.reserve(job_id, 1)) == 1
     await queue.delete_job(job_id)
@@ -137,7 +137,7 @@ async def test_deleted_job_is_stream_gone_everywhere(queue: JobQueue) -> None:
     assert job_id not in await queue.job_streams()
 
 
-async def test_worker_reserve_takes_only_what_is_there_now(queue: JobQueue) -> None:
+async def test_worker_reserve_takes_only_what_is_there_now(queue: JobStreams) -> None:
     job_id, _ = await new_job(queue, 3)
     started = time.monotonic()
     got = await queue.reserve(job_id, 5)

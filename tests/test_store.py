@@ -6,8 +6,8 @@ import threading
 
 import pytest
 
-from antenna_flows.api.store import Conflict, NewResult, Store
-from antenna_flows.jobqueue import ConsumerStats
+from antenna_flows.lab.antenna.store import Conflict, NewResult, Store
+from antenna_flows.jetstream import ConsumerStats
 
 
 class Clock:

@@ -15,8 +15,9 @@ from typing import Any, Awaitable, Callable
 
 import pytest
 
-from antenna_flows.api.admin import AntennaError, AsyncAntennaAdmin
-from antenna_flows.jobqueue import JobQueue, stream_name, subject_name
+from antenna_flows.lab.antenna.admin import AntennaError, AsyncAntennaAdmin
+from antenna_flows.lab.antenna.streams import JobStreams
+from antenna_flows.jetstream import stream_name, subject_name
 from antenna_flows.models.sim import SimModel
 from antenna_flows.settings import WorkerSettings
 from antenna_flows.worker import FairWorker, FatalWorkerError
@@ -146,7 +147,7 @@ async def test_bad_images_get_error_results_and_the_job_completes(stack, aadmin)
     assert "corrupt" in messages or "not a readable image" in messages
 
 
-async def test_poison_task_is_terminated_and_the_rest_of_its_batch_answered(stack, aadmin, nats_queue: JobQueue):
+async def test_poison_task_is_terminated_and_the_rest_of_its_batch_answered(stack, aadmin, nats_queue: JobStreams):
     job = stack.create_job(PIPELINE, 3, job_id=141)
     # A message no PipelineProcessingTask parses, at a sequence Antenna has no image for.
     await nats_queue.js.publish(subject_name(job.id), b'{"id": 5, "oops": true}', stream=stream_name(job.id))
@@ -231,7 +232,7 @@ async def test_wrong_token_stops_the_worker_with_a_clear_error(stack):
         await asyncio.wait_for(worker.run(), timeout=10)
 
 
-async def test_unserved_pipeline_is_left_in_the_queue(stack, aadmin, nats_queue: JobQueue):
+async def test_unserved_pipeline_is_left_in_the_queue(stack, aadmin, nats_queue: JobStreams):
     job = stack.create_job("uk_denmark_moths_2023", 5, job_id=191)
     worker = worker_for(settings_for(stack, pipelines=[PIPELINE]))
     run = asyncio.create_task(worker.run())

@@ -15,8 +15,8 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter
 from prefect.testing.utilities import prefect_test_harness
 
-from antenna_flows.api.admin import AsyncAntennaAdmin
-from flows.drain import drain_worker
+from antenna_flows.lab.antenna.admin import AsyncAntennaAdmin
+from antenna_flows.lab.bench.drain_flow import drain_worker
 from flows.worker import fair_worker
 from tasks.report import artifact_key
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 
 from antenna_flows.imageloader import ImageLoader
-from antenna_flows.jobqueue import Reservation
+from antenna_flows.jetstream import Reservation
 from antenna_flows.models.sim import SimModel
 from antenna_flows.schemas import PipelineProcessingTask
 from antenna_flows.settings import WorkerSettings

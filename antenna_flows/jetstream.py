@@ -39,7 +39,6 @@ ADVISORY_STREAM = "advisories"
 ADVISORY_SUBJECTS = ["$JS.EVENT.ADVISORY.>"]
 ADVISORY_MAX_AGE_S = 3600
 STREAM_CREATED_SUBJECT = "$JS.EVENT.ADVISORY.STREAM.CREATED.*"
-PUBLISH_WINDOW = 256  # task publishes awaiting their JetStream ack at once
 PULL_TIMEOUT_S = 5.0  # an answer to a no_wait pull comes in ~1 ms; this only bounds a dead server
 
 
@@ -211,7 +210,7 @@ class JobQueue:
         self.nc = nc
         self.js = nc.jetstream()
         self.config = config or QueueConfig()
-        self._inboxes: dict[int, Any] = {}
+        self._inboxes: dict[int, _Inbox] = {}
         self._locks: dict[int, asyncio.Lock] = {}
 
     @classmethod
@@ -219,103 +218,11 @@ class JobQueue:
         return cls(await connect(url, name=name), config)
 
     async def close(self) -> None:
-        for sub in list(self._inboxes.values()):
-            try:
-                await sub.unsubscribe()
-            except Exception:  # noqa: BLE001 - closing anyway
-                pass
+        for inbox in list(self._inboxes.values()):
+            await inbox.close()
         self._inboxes.clear()
         if not self.nc.is_closed:
             await self.nc.drain() if self.nc.is_connected else await self.nc.close()
-
-    # --- Antenna side: job lifecycle ------------------------------------------------
-
-    async def ensure_advisory_stream(self) -> None:
-        try:
-            await self.js.stream_info(ADVISORY_STREAM)
-        except NotFoundError:
-            await self.js.add_stream(
-                StreamConfig(
-                    name=ADVISORY_STREAM,
-                    subjects=ADVISORY_SUBJECTS,
-                    max_age=ADVISORY_MAX_AGE_S,
-                    storage=StorageType.FILE,
-                )
-            )
-
-    async def create_job(self, job_id: int) -> None:
-        """Create stream, consumer and dead-letter consumer (idempotent), as Antenna does."""
-        await self.ensure_advisory_stream()
-        try:
-            await self.js.stream_info(stream_name(job_id))
-        except NotFoundError:
-            await self.js.add_stream(
-                StreamConfig(
-                    name=stream_name(job_id),
-                    subjects=[subject_name(job_id)],
-                    max_age=STREAM_MAX_AGE_S,
-                    storage=StorageType.FILE,
-                )
-            )
-        try:
-            await self.js.consumer_info(stream_name(job_id), consumer_name(job_id))
-        except NotFoundError:
-            await self.js.add_consumer(
-                stream_name(job_id),
-                ConsumerConfig(
-                    durable_name=consumer_name(job_id),
-                    ack_policy=AckPolicy.EXPLICIT,
-                    deliver_policy=DeliverPolicy.ALL,
-                    ack_wait=self.config.ack_wait_s,
-                    max_deliver=self.config.max_deliver,
-                    max_ack_pending=self.config.max_ack_pending,
-                    filter_subject=subject_name(job_id),
-                ),
-            )
-        try:
-            await self.js.consumer_info(ADVISORY_STREAM, dlq_name(job_id))
-        except NotFoundError:
-            await self.js.add_consumer(
-                ADVISORY_STREAM,
-                ConsumerConfig(
-                    durable_name=dlq_name(job_id),
-                    ack_policy=AckPolicy.EXPLICIT,
-                    deliver_policy=DeliverPolicy.ALL,
-                    filter_subject=max_deliveries_subject(job_id),
-                ),
-            )
-
-    async def publish_tasks(self, job_id: int, tasks: list[PipelineProcessingTask]) -> list[int]:
-        """Publish task bodies (without reply_subject); returns their stream sequences.
-
-        Up to ``PUBLISH_WINDOW`` publishes are in flight at once (5x faster than one
-        by one); they leave in order, so stream order is task order.
-        """
-        seqs: list[int] = []
-        for start in range(0, len(tasks), PUBLISH_WINDOW):
-            acks = await asyncio.gather(
-                *(
-                    self.js.publish(
-                        subject_name(job_id), t.model_dump_json(exclude={"reply_subject"}).encode(), stream=stream_name(job_id)
-                    )
-                    for t in tasks[start : start + PUBLISH_WINDOW]
-                )
-            )
-            seqs += [ack.seq for ack in acks]
-        return seqs
-
-    async def delete_job(self, job_id: int) -> None:
-        """Delete consumer, stream and dead-letter consumer (each may already be gone)."""
-        await self._forget(job_id)
-        for coro in (
-            lambda: self.js.delete_consumer(stream_name(job_id), consumer_name(job_id)),
-            lambda: self.js.delete_stream(stream_name(job_id)),
-            lambda: self.js.delete_consumer(ADVISORY_STREAM, dlq_name(job_id)),
-        ):
-            try:
-                await coro()
-            except NotFoundError:
-                pass
 
     async def job_streams(self) -> list[int]:
         """Job ids of every ``job_*`` stream on the server."""
@@ -343,71 +250,6 @@ class JobQueue:
             max_deliver=int(info.config.max_deliver or -1),
         )
 
-    async def get_task(self, job_id: int, stream_seq: int) -> PipelineProcessingTask | None:
-        try:
-            raw = await self.js.get_msg(stream_name(job_id), stream_seq)
-        except NotFoundError:
-            return None
-        task, _ = parse_task(raw.data or b"")
-        return task
-
-    async def dead_letters(self, job_id: int, limit: int = 256) -> list[int]:
-        """Stream sequences of this job's tasks that hit max_deliver (acks the advisories read)."""
-        inbox = self.nc.new_inbox()
-        sub = await self.nc.subscribe(inbox)
-        seqs: list[int] = []
-        try:
-            await self.nc.publish(
-                f"$JS.API.CONSUMER.MSG.NEXT.{ADVISORY_STREAM}.{dlq_name(job_id)}",
-                json.dumps({"batch": limit, "no_wait": True}).encode(),
-                reply=inbox,
-            )
-            while True:
-                msg = await sub.next_msg(timeout=PULL_TIMEOUT_S)
-                if _status(msg):
-                    break
-                try:
-                    seqs.append(int(json.loads(msg.data)["stream_seq"]))
-                except (ValueError, KeyError, TypeError):
-                    log.warning("job %s: unreadable max-deliveries advisory %r", job_id, msg.data[:200])
-                await msg.ack()
-                if len(seqs) >= limit:
-                    break
-        except asyncio.TimeoutError:
-            pass
-        finally:
-            await sub.unsubscribe()
-        return seqs
-
-    async def fetch(self, job_id: int, batch_size: int, timeout: float = 0.5) -> list[Msg]:
-        """What Antenna's ``/tasks`` endpoint does: one JetStream fetch, ``timeout`` long.
-
-        A pull subscription of its own per call, as Antenna's ``reserve_tasks``: two
-        concurrent requests for one job must not take each other's messages, and a
-        message arriving after the fetch gave up must not wait in a shared inbox for
-        the next request (without a subscriber it is simply redelivered after ack_wait).
-        """
-        psub = await self.js.pull_subscribe_bind(durable=consumer_name(job_id), stream=stream_name(job_id))
-        try:
-            return await psub.fetch(batch_size, timeout=timeout)
-        except asyncio.TimeoutError:
-            return []
-        except (NotFoundError, ServiceUnavailableError) as exc:
-            # 503 "no responders": nobody serves that consumer's pull subject any more.
-            if isinstance(exc, NotFoundError) or not await self.exists(job_id):
-                await self._forget(job_id)
-                raise StreamGone(job_id) from exc
-            raise
-        finally:
-            await psub.unsubscribe()
-
-    async def ack(self, reply_subject: str) -> None:
-        """Antenna's ack: publish ``+ACK`` to the reply subject, then flush."""
-        await self.nc.publish(reply_subject, b"+ACK")
-        await self.nc.flush()
-
-    # --- worker side ----------------------------------------------------------------
-
     async def reserve(self, job_id: int, n: int) -> list[Reservation]:
         """Reserve up to ``n`` tasks available right now (``no_wait`` pull; ~1 ms).
 
@@ -418,29 +260,27 @@ class JobQueue:
             return []
         lock = self._locks.setdefault(job_id, asyncio.Lock())
         async with lock:
-            sub = self._inboxes.get(job_id)
-            if sub is None:
-                sub = await self.nc.subscribe(self.nc.new_inbox())
-                self._inboxes[job_id] = sub
+            inbox = self._inboxes.get(job_id)
+            if inbox is None:
+                inbox = self._inboxes[job_id] = await _Inbox.open(self.nc)
             # A late message from an earlier pull that timed out would be ours too.
             out: list[Reservation] = []
-            while not sub._pending_queue.empty() and len(out) < n:  # noqa: SLF001
-                msg = sub._pending_queue.get_nowait()  # noqa: SLF001
-                if not _status(msg):
+            while len(out) < n and (msg := inbox.get_nowait()) is not None:
+                if not is_status(msg):
                     out.append(_reservation(job_id, msg))
             if len(out) >= n:
                 return out
             await self.nc.publish(
                 f"$JS.API.CONSUMER.MSG.NEXT.{stream_name(job_id)}.{consumer_name(job_id)}",
                 json.dumps({"batch": n - len(out), "no_wait": True}).encode(),
-                reply=sub.subject,
+                reply=inbox.subject,
             )
             while len(out) < n:
                 try:
-                    msg = await sub.next_msg(timeout=PULL_TIMEOUT_S)
+                    msg = await inbox.next(timeout=PULL_TIMEOUT_S)
                 except asyncio.TimeoutError:
                     break
-                status = _status(msg)
+                status = is_status(msg)
                 if status is None:
                     out.append(_reservation(job_id, msg))
                     continue
@@ -475,13 +315,10 @@ class JobQueue:
         await self._forget(job_id)
 
     async def _forget(self, job_id: int) -> None:
-        sub = self._inboxes.pop(job_id, None)
+        inbox = self._inboxes.pop(job_id, None)
         self._locks.pop(job_id, None)
-        if sub is not None:
-            try:
-                await sub.unsubscribe()
-            except Exception:  # noqa: BLE001
-                pass
+        if inbox is not None:
+            await inbox.close()
 
     async def watch_new_jobs(self, callback: Callable[[int], Awaitable[None] | None]) -> Any:
         """Call ``callback(job_id)`` whenever a ``job_*`` stream is created (JetStream advisory)."""
@@ -497,7 +334,8 @@ class JobQueue:
         return await self.nc.subscribe(STREAM_CREATED_SUBJECT, cb=handler)
 
 
-def _status(msg: Msg) -> str | None:
+def is_status(msg: Msg) -> str | None:
+    """The status code of a JetStream status message (no data, a Status header), else None."""
     if msg.headers and "Status" in msg.headers and not msg.data:
         return msg.headers.get("Status")
     return None
@@ -506,3 +344,38 @@ def _status(msg: Msg) -> str | None:
 def _reservation(job_id: int, msg: Msg) -> Reservation:
     task, error = parse_task(msg.data)
     return Reservation(job_id=job_id, task=task, parse_error=error, reply_subject=msg.reply, msg=msg)
+
+
+class _Inbox:
+    """A reply inbox of our own: pull answers land in a queue we can drain without waiting."""
+
+    def __init__(self) -> None:
+        self.queue: asyncio.Queue[Msg] = asyncio.Queue()
+        self.subject = ""
+        self.sub: Any = None
+
+    @classmethod
+    async def open(cls, nc: NATS) -> "_Inbox":
+        inbox = cls()
+        inbox.subject = nc.new_inbox()
+
+        async def deliver(msg: Msg) -> None:
+            inbox.queue.put_nowait(msg)
+
+        inbox.sub = await nc.subscribe(inbox.subject, cb=deliver)
+        return inbox
+
+    def get_nowait(self) -> Msg | None:
+        try:
+            return self.queue.get_nowait()
+        except asyncio.QueueEmpty:
+            return None
+
+    async def next(self, timeout: float) -> Msg:
+        return await asyncio.wait_for(self.queue.get(), timeout)
+
+    async def close(self) -> None:
+        try:
+            await self.sub.unsubscribe()
+        except Exception:  # noqa: BLE001 - closing anyway
+            pass

@@ -29,7 +29,7 @@ from typing import Any
 from antenna_flows.accounting import BatchLog, Ledger
 from antenna_flows.antenna_client import AntennaClient, AuthError
 from antenna_flows.imageloader import ImageError, ImageLoader
-from antenna_flows.jobqueue import parse_ack_subject
+from antenna_flows.jetstream import parse_ack_subject
 from antenna_flows.models.base import ImageInput, Model
 from antenna_flows.schemas import PipelineProcessingTask, PipelineResultsError, TaskResult
 from antenna_flows.settings import DrainSettings, WorkerSettings
@@ -200,3 +200,19 @@ def _delivery(task: PipelineProcessingTask) -> int:
     info = parse_ack_subject(task.reply_subject or "")
     return info.num_delivered if info else 1
 
+
+
+def run_drain_worker(settings: WorkerSettings, orchestration: str, drain: DrainSettings) -> dict[str, Any]:
+    """One drain worker process (the bench's baseline), under Prefect or plain asyncio."""
+    import asyncio
+    import os
+
+    if orchestration == "prefect":
+        from antenna_flows.lab.bench.drain_flow import drain_worker
+        from antenna_flows.runner import flow_overrides
+
+        os.environ["AMI_ANTENNA_API_TOKEN"] = settings.antenna_api_token
+        return asyncio.run(drain_worker(worker_name=settings.worker_name, settings_overrides=flow_overrides(settings)))
+    from antenna_flows.models import load_model
+
+    return asyncio.run(DrainWorker(settings, load_model(settings), drain).run())

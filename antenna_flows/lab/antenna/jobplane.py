@@ -30,12 +30,12 @@ import nats.errors
 from nats.aio.msg import Msg
 from nats.js.errors import APIError
 
-from antenna_flows.api.drf import BadRequest, add_error
-from antenna_flows.api.models import CREATED, Job, JobCreate
-from antenna_flows.api.store import Conflict, ImageRecord, NewResult, Store
-from antenna_flows.jobqueue import (
+from antenna_flows.lab.antenna.drf import BadRequest, add_error
+from antenna_flows.lab.antenna.models import CREATED, Job, JobCreate
+from antenna_flows.lab.antenna.store import Conflict, ImageRecord, NewResult, Store
+from antenna_flows.lab.antenna.streams import JobStreams
+from antenna_flows.jetstream import (
     ADVISORY_STREAM,
-    JobQueue,
     QueueConfig,
     StreamGone,
     consumer_name,
@@ -86,7 +86,7 @@ class JobPlane:
         self.store = store
         self.nats_url = nats_url
         self.queue_config = queue_config or QueueConfig()
-        self.queue: JobQueue | None = None
+        self.queue: JobStreams | None = None
         self._finishing: set[int] = set()
         self._gone_reported: set[int] = set()
         self._stopping = asyncio.Event()
@@ -95,7 +95,7 @@ class JobPlane:
         """Connect once NATS answers (within NATS_CONNECT_TIMEOUT_S); from then on reconnect forever."""
         try:
             self.queue = await asyncio.wait_for(
-                JobQueue.connect(self.nats_url, self.queue_config, name="antenna-flows-api"), NATS_CONNECT_TIMEOUT_S
+                JobStreams.connect(self.nats_url, self.queue_config, name="antenna-flows-api"), NATS_CONNECT_TIMEOUT_S
             )
         except asyncio.TimeoutError:
             raise NatsUnavailable(f"NATS at {self.nats_url} did not answer within {NATS_CONNECT_TIMEOUT_S}s") from None
@@ -109,7 +109,7 @@ class JobPlane:
     def nats_connected(self) -> bool:
         return self.queue is not None and self.queue.nc.is_connected
 
-    def _queue(self) -> JobQueue:
+    def _queue(self) -> JobStreams:
         if self.queue is None or not self.queue.nc.is_connected:
             raise NatsUnavailable(f"NATS at {self.nats_url} is unreachable")
         return self.queue

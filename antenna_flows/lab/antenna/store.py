@@ -25,8 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Literal, Sequence
 
-from antenna_flows.api.models import ACTIVE_STATES, CREATED, FINAL_STATES, REVOKED, STARTED, SUCCESS, Job
-from antenna_flows.jobqueue import ConsumerStats
+from antenna_flows.lab.antenna.models import ACTIVE_STATES, CREATED, FINAL_STATES, REVOKED, STARTED, SUCCESS, Job
+from antenna_flows.jetstream import ConsumerStats
 
 ResultKind = Literal["ok", "error"]
 

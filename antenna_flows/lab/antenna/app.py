@@ -27,12 +27,12 @@ from pydantic import BaseModel, Field, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from antenna_flows.api.drf import NOT_FOUND, BadRequest, authenticate, field_errors, parse_json, validate
-from antenna_flows.api.jobplane import JobPlane, NatsUnavailable
-from antenna_flows.api.models import Job, JobCreate
-from antenna_flows.api.store import Store
-from antenna_flows.demo_images import DemoImages, valid_size
-from antenna_flows.jobqueue import QueueConfig
+from antenna_flows.lab.antenna.drf import NOT_FOUND, BadRequest, authenticate, field_errors, parse_json, validate
+from antenna_flows.lab.antenna.jobplane import JobPlane, NatsUnavailable
+from antenna_flows.lab.antenna.models import Job, JobCreate
+from antenna_flows.lab.antenna.store import Store
+from antenna_flows.lab.antenna.demo_images import DemoImages, valid_size
+from antenna_flows.jetstream import QueueConfig
 from antenna_flows.schemas import (
     PipelineRegistrationRequest,
     PipelineRegistrationResponse,

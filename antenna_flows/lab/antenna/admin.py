@@ -14,8 +14,8 @@ from typing import Any, Sequence
 
 import httpx
 
-from antenna_flows.api.models import Job
-from antenna_flows.demo_images import demo_image_urls
+from antenna_flows.lab.antenna.models import Job
+from antenna_flows.lab.antenna.demo_images import demo_image_urls
 
 API_SUFFIX = "/api/v2"
 

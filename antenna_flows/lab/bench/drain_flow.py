@@ -11,7 +11,7 @@ from typing import Any
 import antenna_flows.prefect_env  # noqa: F401 - before prefect
 from prefect import flow, get_run_logger
 
-from antenna_flows.drain import DrainWorker
+from antenna_flows.lab.bench.drain import DrainWorker
 from antenna_flows.models import load_model
 from antenna_flows.settings import DrainSettings, WorkerSettings
 

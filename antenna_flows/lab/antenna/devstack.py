@@ -26,12 +26,12 @@ from typing import Any, Sequence
 
 import uvicorn
 
-from antenna_flows.api.admin import AntennaAdmin
-from antenna_flows.api.app import HOUSEKEEPING_INTERVAL_S, LocalAntenna, create_app
-from antenna_flows.api.models import Job
-from antenna_flows.api.store import Store
-from antenna_flows.jobqueue import QueueConfig
-from antenna_flows.natsserver import EmbeddedNats
+from antenna_flows.lab.antenna.admin import AntennaAdmin
+from antenna_flows.lab.antenna.app import HOUSEKEEPING_INTERVAL_S, LocalAntenna, create_app
+from antenna_flows.lab.antenna.models import Job
+from antenna_flows.lab.antenna.store import Store
+from antenna_flows.jetstream import QueueConfig
+from antenna_flows.lab.antenna.natsserver import EmbeddedNats
 from antenna_flows.settings import ApiSettings, QueueSettings
 
 log = logging.getLogger(__name__)

@@ -1,0 +1,1 @@
+"""A local, Antenna-compatible server: REST API, JetStream job streams, an embedded nats-server, demo images."""
