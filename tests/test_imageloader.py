@@ -86,7 +86,7 @@ class Spy:
 
 async def _load(url: str, model: AmiModel, **limits: int):
     loader = ImageLoader(**limits)
-    decode, prepare = Spy(model.decode), Spy(model.host_tensor)
+    decode, prepare = Spy(model.decode), Spy(model.prepare)
     try:
         return await loader.load(url, prepare, decode), decode.calls, prepare.calls
     finally:
@@ -102,7 +102,7 @@ async def test_jpeg_takes_the_fast_path_and_matches_pil(server, model):
     assert (decodes, prepares) == (1, 0)
     assert tensor.dtype == torch.uint8 and tuple(tensor.shape) == (3, H, W)
     assert (tensor.int() - _pil_tensor(JPEG).int()).abs().max() <= 2
-    assert model.host_tensor(tensor) is tensor  # already what predict starts from: passed through as is
+    assert model.prepare(tensor) is tensor  # already what predict starts from: passed through as is
 
 
 async def test_grayscale_jpeg_becomes_rgb(server, model):
@@ -113,7 +113,7 @@ async def test_grayscale_jpeg_becomes_rgb(server, model):
 
 async def test_png_falls_back_to_pil_and_prepare(server, model):
     tensor, decodes, prepares = await _load(f"{server}/good.png", model)
-    assert (decodes, prepares) == (1, 1)  # decode said None (not a JPEG), PIL + host_tensor did it
+    assert (decodes, prepares) == (1, 1)  # decode said None (not a JPEG), PIL + prepare did it
     assert torch.equal(tensor, torch.from_numpy(_pixels()).permute(2, 0, 1))
 
 
@@ -132,7 +132,7 @@ async def test_a_failing_fast_decoder_falls_back_to_pil(server, model):
 
     loader = ImageLoader()
     try:
-        tensor = await loader.load(f"{server}/good.jpg", model.host_tensor, broken)
+        tensor = await loader.load(f"{server}/good.jpg", model.prepare, broken)
     finally:
         await loader.aclose()
     assert torch.equal(tensor, _pil_tensor(JPEG))
@@ -150,7 +150,7 @@ async def test_bad_images_become_one_image_error(server, model, path, limits, me
     decode = Spy(model.decode)
     try:
         with pytest.raises(ImageError, match=message) as info:
-            await loader.load(f"{server}{path}", model.host_tensor, decode)
+            await loader.load(f"{server}{path}", model.prepare, decode)
     finally:
         await loader.aclose()
     assert path in str(info.value)  # the URL is in the error result

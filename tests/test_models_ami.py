@@ -210,11 +210,11 @@ def test_tensor_inputs_match_pil_inputs(model: AmiModel) -> None:
     image = painted((160, 120))
     boxes = [[box for _, box in PAINT.values()]]
     from_pil = model.predict("panama_moths_2024", [_input(0, image)])
-    from_tensor = model.predict("panama_moths_2024", [_input(0, model.host_tensor(image))])
+    from_tensor = model.predict("panama_moths_2024", [_input(0, model.prepare(image))])
     assert from_pil[0].detections
     assert _without(from_pil, {"timestamp", "inference_time", "total_time"}) == \
         _without(from_tensor, {"timestamp", "inference_time", "total_time"})
-    assert model.predict_boxes("moth_binary", [_input(0, model.host_tensor(image))], boxes)[0].detections
+    assert model.predict_boxes("moth_binary", [_input(0, model.prepare(image))], boxes)[0].detections
     with pytest.raises(ValueError, match="expected a"):
         model.predict("moth_binary", [_input(0, torch.zeros(120, 160, 3, dtype=torch.uint8))])
 

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from antenna_flows.models.base import ImageInput, UnknownPipeline
+from antenna_flows.models.base import ImageInput, ModelBase, UnknownPipeline
 from antenna_flows.models.engine import BatchOutput, Engine, LoadedClassifier, LoadedDetector, StageOutput
 from antenna_flows.models.registry import PIPELINES, ClassifierSpec, PipelineSpec
 from antenna_flows.schemas import (
@@ -38,7 +38,7 @@ from antenna_flows.settings import WorkerSettings
 log = logging.getLogger(__name__)
 
 
-class AmiModel:
+class AmiModel(ModelBase):
     """Detector -> moth filter -> classifier on one device, for any pipeline of ``pipelines``
     (default: the registry; tests pass smaller variants).
 
@@ -78,7 +78,7 @@ class AmiModel:
     def pipelines(self) -> list[str]:
         return list(self.specs)
 
-    def host_tensor(self, image: Any) -> torch.Tensor:
+    def prepare(self, image: Any) -> torch.Tensor:
         """``image`` as the (3, H, W) uint8 tensor ``predict`` starts from (pinned on a GPU).
 
         Thread-safe and independent of the slot: call it where images are decoded and put the
@@ -88,15 +88,15 @@ class AmiModel:
         return self.engine.host_tensor(image)
 
     def decode(self, data: bytes) -> torch.Tensor | None:
-        """JPEG bytes as the tensor :meth:`host_tensor` makes (``predict`` takes it unchanged),
+        """JPEG bytes as the tensor :meth:`prepare` makes (``predict`` takes it unchanged),
         decoded by torchvision in the loader thread at a third of PIL's cost; None for other
-        formats, which the loader decodes with PIL and passes through ``host_tensor``.
+        formats, which the loader decodes with PIL and passes through ``prepare``.
         Raises on corrupt data (the loader turns that into the image's error result).
 
         Decoding stays on the CPU. Measured on an H200 with 16 cores, 4K frames, bf16 batches of
-        16 (``deployments/gpu_bench.py --feed``): 8 loader threads decoding this way feed 68
+        16 (``antenna_flows/lab/bench/gpu_bench.py --feed``): 8 loader threads decoding this way feed 68
         img/s, as much as tensors decoded beforehand (65) or nvjpeg batch-decoding on the slot
-        (65), while PIL + host_tensor feeds 32 (its threads also slow the slot down). nvjpeg
+        (65), while PIL + prepare feeds 32 (its threads also slow the slot down). nvjpeg
         would buy nothing yet and would put decoding on the slot and let one corrupt file fail
         a whole batch.
         """

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from PIL import Image
 
-from antenna_flows.models.base import ImageInput, UnknownPipeline
+from antenna_flows.models.base import WARMUP_SIZE, ImageInput, ModelBase, UnknownPipeline
 from antenna_flows.models.registry import pipeline_slugs
 from antenna_flows.schemas import (
     AlgorithmReference,
@@ -36,7 +36,7 @@ SIM_DETECTOR = AlgorithmReference(name="Simulated detector", key="sim-detector")
 SIM_CLASSIFIER = AlgorithmReference(name="Simulated classifier", key="sim-classifier")
 
 
-class SimModel:
+class SimModel(ModelBase):
     kind = "sim"
 
     def __init__(self, seconds_per_image: float = 0.05, seconds_per_batch: float = 0.02):
@@ -64,6 +64,9 @@ class SimModel:
             image.draft("RGB", (max(1, size[0] // 8), max(1, size[1] // 8)))
             image.load()
         return SimFrame(size)
+
+    def warmup_input(self) -> SimFrame:
+        return SimFrame(WARMUP_SIZE)
 
     def expected_seconds_per_image(self, pipeline: str, batch_size: int) -> float:
         """The sim is calibrated, so the scheduler can start from the truth."""
