@@ -105,6 +105,13 @@ class WorkerSettings(BaseSettings):
         default_factory=list,
         description="Pipeline slugs this worker serves, comma separated (empty: every pipeline the model kind knows).",
     )
+    job_ids: Annotated[list[int], NoDecode] = Field(
+        default_factory=list,
+        description="Serve only these job ids, comma separated (empty: every incomplete job of the served pipelines).",
+    )
+    exit_when_done: bool = Field(
+        False, description="With job_ids: stop once none of them is incomplete any more (ad-hoc runs on a spare GPU)."
+    )
     worker_name: str = Field(
         default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}",
         description="Name in logs, artifacts and client_info.",
@@ -177,7 +184,7 @@ class WorkerSettings(BaseSettings):
         3, ge=1, description="ami model: terminal classifiers kept loaded (LRU); the detector and moth filter are shared."
     )
 
-    @field_validator("pipelines", mode="before")
+    @field_validator("pipelines", "job_ids", mode="before")
     @classmethod
     def _pipelines_csv(cls, value: Any) -> Any:
         return _split_csv(value)
