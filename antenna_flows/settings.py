@@ -168,9 +168,15 @@ class WorkerSettings(BaseSettings):
         2.0, ge=0, description="Base nak delay when releasing tasks; jittered up to 2x so a fleet does not re-reserve in lock-step."
     )
     http_timeout_s: float = Field(30.0, gt=0, description="Timeout of one API request.")
-    image_timeout_s: float = Field(30.0, gt=0, description="Timeout of one image download.")
+    image_timeout_s: float = Field(30.0, gt=0, description="Total time allowed for one image download (connect to last byte).")
     image_max_bytes: int = Field(64 * 1024 * 1024, ge=1024, description="Largest image accepted (bytes).")
     image_max_pixels: int = Field(80_000_000, ge=1, description="Largest image accepted (pixels), a guard against decompression bombs.")
+    image_hosts: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Hosts images may be downloaded from, comma separated ('name' or '*.name'); empty: any host. "
+        "URLs (and redirects) to other hosts get an error result without being fetched.",
+    )
+    image_max_redirects: int = Field(3, ge=0, description="Redirects followed per image download (each hop checked).")
     download_concurrency: int = Field(16, ge=1, description="Image downloads in flight at once.")
     metrics_file: Path | None = Field(None, description="Append one JSON line per batch here (used by the bench).")
     ready_file: Path | None = Field(None, description="Touch this file once the worker is polling (used by the bench).")
@@ -184,7 +190,7 @@ class WorkerSettings(BaseSettings):
         3, ge=1, description="ami model: terminal classifiers kept loaded (LRU); the detector and moth filter are shared."
     )
 
-    @field_validator("pipelines", "job_ids", mode="before")
+    @field_validator("pipelines", "job_ids", "image_hosts", mode="before")
     @classmethod
     def _pipelines_csv(cls, value: Any) -> Any:
         return _split_csv(value)
