@@ -176,9 +176,27 @@ class Reservation:
         return self.task.image_id if self.task else None
 
 
+MAX_TASK_BYTES = 64 * 1024  # Antenna's task bodies are ~200 bytes
+MAX_TASK_ID_CHARS = 1000  # id / image_id: a SourceImage pk as text
+
+
+def task_problem(task: PipelineProcessingTask) -> str | None:
+    """Why a well-formed task is still unacceptable (absurd ids), or None."""
+    for name in ("id", "image_id"):
+        value = getattr(task, name)
+        if len(value) > MAX_TASK_ID_CHARS:
+            return f"malformed task: {name} of {len(value)} characters, more than {MAX_TASK_ID_CHARS}"
+    return None
+
+
 def parse_task(data: bytes) -> tuple[PipelineProcessingTask | None, str | None]:
+    """The task in a message body, or (None, why not): never raises, whatever the bytes."""
+    if len(data) > MAX_TASK_BYTES:
+        return None, f"malformed task: body of {len(data)} bytes, more than {MAX_TASK_BYTES}"
     try:
-        return PipelineProcessingTask.model_validate_json(data), None
+        task = PipelineProcessingTask.model_validate_json(data)
+        problem = task_problem(task)
+        return (None, problem) if problem else (task, None)
     except ValidationError as exc:
         first = exc.errors()[0] if exc.errors() else {}
         return None, f"malformed task: {first.get('msg', 'invalid')} at {'.'.join(map(str, first.get('loc', ())))}"
