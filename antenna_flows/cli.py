@@ -337,6 +337,8 @@ def add_bench(subparsers: Any) -> None:
                         f"({', '.join(bundled_scenarios())}).")
     parser.add_argument("--strategy", choices=["fair", "drain"], default="fair")
     parser.add_argument("--orchestration", choices=["prefect", "plain"], default="prefect")
+    parser.add_argument("--transport", choices=["nats", "rest"], default=None,
+                        help="How fair workers reach tasks (overrides the scenario's; drain always uses REST).")
     parser.add_argument("--json", type=Path, default=None, metavar="OUT.json", help="Write the report here.")
     parser.add_argument("--out-dir", type=Path, default=None,
                         help="Keep worker logs and metrics here (default: a temporary directory, removed).")
@@ -379,7 +381,8 @@ def run_bench_command(args: argparse.Namespace) -> int:
     from antenna_flows.lab.bench.bench import BenchOptions, Scenario, format_report, run_bench
 
     scenario = Scenario.load(scenario_path(args.scenario))
-    options = BenchOptions(strategy=args.strategy, orchestration=args.orchestration, out_dir=args.out_dir)
+    options = BenchOptions(strategy=args.strategy, orchestration=args.orchestration, out_dir=args.out_dir,
+                           transport=getattr(args, "transport", None))
     print(f"running {scenario.name}: {len(scenario.jobs)} jobs, {sum(j.images for j in scenario.jobs)} images, "
           f"{scenario.workers} {args.strategy} workers ({args.orchestration}); starting the stack...", flush=True)
     report = run_bench(scenario, options)

@@ -7,19 +7,31 @@ times, faults injected at theirs. The report (``--json``) follows
 ``shared/bench/README.md``; figures come from the API's records (results, first
 result times, duplicates), the NATS consumers (cumulative redeliveries, read
 before the streams are deleted) and the workers' per-batch metrics lines
-(slot seconds, reservation idle times).
+(slot seconds, reservation idle times). Beside those the bench samples each
+worker's resident memory and open files (``/proc``), counts the requests the
+workers made to the API by endpoint, and reads what a Prefect run left in the
+Prefect server's SQLite database.
+
+Fairness to the baseline (``drain``): it decodes images by the model's fast
+path as ``fair`` does, and each drain worker is at a random point of its idle
+sleep at time zero (seeded by the scenario's ``seed``, reported as
+``drain_start_phase_s``), as a real fleet is when a job arrives.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import os
+import random
 import shutil
 import signal
+import sqlite3
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from contextlib import ExitStack
 from dataclasses import dataclass, field
@@ -86,12 +98,28 @@ class JobSpec(_Spec):
     bad_images: BadImages = Field(default_factory=BadImages)
 
 
+FaultAction = Literal["kill_worker", "restart_nats", "api_errors", "cancel_job", "slow_api", "save_errors",
+                      "slow_saves", "prefect_down"]
+
+
 class FaultSpec(_Spec):
     at_s: float
-    action: Literal["kill_worker", "restart_nats", "api_errors", "cancel_job"]
+    action: FaultAction
     worker: int = 0
     seconds: float = 5.0
     job: int | None = None
+    restart_after_s: float | None = None  # kill_worker: start the same worker again after this long
+    delay_s: float = 2.0  # slow_api, slow_saves
+    fraction: float = 0.1  # save_errors
+
+    @property
+    def window_s(self) -> float:
+        """How long the fault itself lasts (0 for an instant one; a killed worker: until restarted)."""
+        if self.action in ("api_errors", "slow_api", "save_errors", "slow_saves", "prefect_down"):
+            return self.seconds
+        if self.action == "kill_worker":
+            return self.restart_after_s or 0.0
+        return 0.0
 
 
 class Scenario(_Spec):
@@ -104,6 +132,32 @@ class Scenario(_Spec):
     jobs: list[JobSpec] = Field(default_factory=list)
     faults: list[FaultSpec] = Field(default_factory=list)
     time_limit_s: float = 300.0
+    transport: Literal["nats", "rest"] = "nats"  # how fair workers reach tasks; drain always uses REST
+    seed: int = 0  # drain workers' start phases
+
+    def drain_phases(self, sleep_s: float) -> list[float]:
+        """Where each drain worker is in its idle sleep at time zero: uniform in [0, sleep), seeded."""
+        rng = random.Random(f"{self.name}:{self.seed}")
+        return [round(rng.uniform(0.0, sleep_s), 3) for _ in range(self.workers)]
+
+    def ideal_makespan_model_s(self) -> float | None:
+        """The bound from the scenario alone (``sim``): every image that must be inferred (not the
+        broken ones, none of a job the scenario cancels) at ``seconds_per_image``, plus
+        ``seconds_per_batch`` for the fewest full batches of ``drain.batch_size`` per pipeline
+        (a batch holds one pipeline), over the workers. No duplicate work is in it."""
+        if self.model.kind != "sim":
+            return None
+        cancelled = {f.job for f in self.faults if f.action == "cancel_job"}
+        per_pipeline: dict[str, int] = {}
+        for job in self.jobs:
+            if job.id in cancelled:
+                continue
+            good = max(0, job.images - job.bad_images.missing - job.bad_images.corrupt)
+            per_pipeline[job.pipeline] = per_pipeline.get(job.pipeline, 0) + good
+        images = sum(per_pipeline.values())
+        batches = sum(math.ceil(n / self.drain.batch_size) for n in per_pipeline.values())
+        m = self.model
+        return (images * m.seconds_per_image + batches * m.seconds_per_batch) / self.workers
 
     @classmethod
     def load(cls, path: str | Path) -> "Scenario":
@@ -121,6 +175,8 @@ class BenchOptions:
     prefect_api_url: str | None = None  # default: $PREFECT_API_URL, else a server the bench starts
     worker_env: dict[str, str] = field(default_factory=dict)  # extra AMI_* settings for the workers
     keep_prefect_server: bool = False
+    transport: Literal["nats", "rest"] | None = None  # overrides the scenario's (fair workers only)
+    prefect_server: "PrefectServer | None" = None  # a server of the caller's (compare): stats and prefect_down work
 
 
 # The bench's own Prefect server shares the CPU with what it measures (in production it runs
@@ -156,7 +212,7 @@ class PrefectServer:
         env = {**os.environ, **LEAN_SERVER_ENV, "PREFECT_HOME": str(self.home),
                "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_API_URL": self.api_url}
         prefect = Path(sys.executable).parent / "prefect"
-        log_file = open(self.home / "server.log", "wb")  # noqa: SIM115
+        log_file = open(self.home / "server.log", "ab")  # noqa: SIM115
         self.proc = subprocess.Popen(
             [str(prefect), "server", "start", "--host", "127.0.0.1", "--port", str(self.port)],
             env=env, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True,
@@ -182,6 +238,135 @@ class PrefectServer:
                 self.proc.wait(15)
             except subprocess.TimeoutExpired:
                 os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+
+    @property
+    def db_path(self) -> Path:
+        """Prefect's default database: ``$PREFECT_HOME/prefect.db`` (SQLite)."""
+        return self.home / "prefect.db"
+
+    def outage(self, seconds: float) -> None:
+        """Down for ``seconds``, then up again on the same port and database (blocking)."""
+        log.warning("fault: Prefect server down for %.1fs", seconds)
+        down_at = time.monotonic()
+        self.stop()
+        time.sleep(max(0.0, seconds - (time.monotonic() - down_at)))
+        self.start()
+
+
+PREFECT_TABLES = {"flow_runs": "flow_run", "task_runs": "task_run", "events": "events", "logs": "log",
+                  "artifacts": "artifact"}
+
+
+def prefect_db_stats(db_path: Path) -> dict[str, int] | None:
+    """Rows per table of interest and the database's size in bytes, after folding the WAL into
+    the main file (``PRAGMA wal_checkpoint(TRUNCATE)``, so the size is the data's, not the log's)."""
+    if not db_path.exists():
+        return None
+    db = sqlite3.connect(str(db_path), timeout=10)
+    try:
+        try:
+            db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+        except sqlite3.OperationalError as exc:  # busy: the size then includes some WAL
+            log.warning("bench: Prefect database checkpoint failed: %s", exc)
+        tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        out = {key: (db.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0] if table in tables else 0)
+               for key, table in PREFECT_TABLES.items()}
+    finally:
+        db.close()
+    wal = db_path.with_name(db_path.name + "-wal")
+    out["db_bytes"] = db_path.stat().st_size + (wal.stat().st_size if wal.exists() else 0)
+    return out
+
+
+# --- what the bench watches in the worker processes --------------------------------------------
+
+
+def _descendants(pid: int) -> list[int]:
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            for task in os.listdir(f"/proc/{p}/task"):
+                with open(f"/proc/{p}/task/{task}/children") as f:
+                    kids = [int(c) for c in f.read().split()]
+                out.extend(kids)
+                todo.extend(kids)
+        except (OSError, ValueError):
+            continue
+    return out
+
+
+def rss_mb(pid: int) -> float | None:
+    """VmRSS of the process and its children, in MiB (None when it is gone)."""
+    total, seen = 0, False
+    for p in [pid, *_descendants(pid)]:
+        try:
+            with open(f"/proc/{p}/status") as f:
+                for line in f:
+                    if line.startswith("VmRSS:"):
+                        total += int(line.split()[1])
+                        seen = True
+                        break
+        except OSError:
+            continue
+    return round(total / 1024, 1) if seen else None
+
+
+def open_fds(pid: int) -> int | None:
+    """Open file descriptors of the process and its children (None when it is gone)."""
+    total, seen = 0, False
+    for p in [pid, *_descendants(pid)]:
+        try:
+            total += len(os.listdir(f"/proc/{p}/fd"))
+            seen = True
+        except OSError:
+            continue
+    return total if seen else None
+
+
+class ProcessSampler:
+    """Every ``period_s`` from time zero: each worker's resident memory (first, peak, last)."""
+
+    def __init__(self, workers: list[subprocess.Popen[bytes]], period_s: float = 1.0):
+        self.workers = workers  # the bench's list: a restarted worker's new process is seen at once
+        self.period_s = period_s
+        self.rss: list[dict[str, Any]] = [{"worker": i, "first": None, "peak": None, "last": None, "samples": 0}
+                                          for i in range(len(workers))]
+        self.fds_start = [open_fds(p.pid) for p in workers]
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="bench-sampler", daemon=True)
+
+    def start(self) -> "ProcessSampler":
+        self._sample()
+        self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        for i, proc in enumerate(self.workers):
+            mb = rss_mb(proc.pid) if proc.poll() is None else None
+            if mb is None:
+                continue
+            row = self.rss[i]
+            row["first"] = mb if row["first"] is None else row["first"]
+            row["peak"] = mb if row["peak"] is None else max(row["peak"], mb)
+            row["last"] = mb
+            row["samples"] += 1
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.period_s):
+            self._sample()
+
+    def stop(self) -> dict[str, Any]:
+        self._stop.set()
+        self._thread.join(5)
+        self._sample()
+        fds_end = [open_fds(p.pid) if p.poll() is None else None for p in self.workers]
+        return {
+            "worker_rss_mb": self.rss,
+            "worker_open_fds": [{"worker": i, "start": a, "end": b}
+                                for i, (a, b) in enumerate(zip(self.fds_start, fds_end))],
+        }
 
 
 class Bench:
@@ -189,6 +374,18 @@ class Bench:
         self.scenario = scenario
         self.options = options
         self.workers: list[subprocess.Popen[bytes]] = []
+        self._envs: list[dict[str, str]] = []
+        self._out_dir: Path | None = None
+        self._server: PrefectServer | None = None
+        self._fault_threads: list[threading.Thread] = []
+        self._fault_log: list[dict[str, Any]] = []
+        self._phases: list[float] | None = None
+
+    @property
+    def transport(self) -> str:
+        if self.options.strategy == "drain":
+            return "rest"
+        return self.options.transport or self.scenario.transport
 
     def run(self) -> dict[str, Any]:
         sc, opt = self.scenario, self.options
@@ -198,25 +395,30 @@ class Bench:
             if opt.out_dir is None:
                 stack.callback(shutil.rmtree, out_dir, True)
             out_dir.mkdir(parents=True, exist_ok=True)
+            self._out_dir = out_dir
             queue = QueueSettings(
                 nats_task_ttr=sc.queue.ack_wait_s, nats_max_deliver=sc.queue.max_deliver,
                 nats_max_ack_pending=sc.queue.max_ack_pending, nats_store_dir=out_dir / "nats",
             )
             api = ApiSettings(api_port=0, data_dir=out_dir / "api")
-            dev = DevStack(queue, api)
+            dev = DevStack(queue, api, **_reaper_options(DevStack))
             dev.start()
             stack.callback(dev.stop)
+            _enable_reaper(dev)
             admin = AntennaAdmin(dev.api_url, dev.token)
             stack.callback(admin.close)
             prefect_url = None
             if opt.orchestration == "prefect":
-                prefect_url = opt.prefect_api_url or os.environ.get("PREFECT_API_URL")
+                self._server = opt.prefect_server
+                prefect_url = self._server.api_url if self._server else (
+                    opt.prefect_api_url or os.environ.get("PREFECT_API_URL"))
                 if not prefect_url:
                     (out_dir / "prefect").mkdir(exist_ok=True)
-                    server = PrefectServer(out_dir / "prefect").start()
+                    self._server = PrefectServer(out_dir / "prefect").start()
                     if not opt.keep_prefect_server:
-                        stack.callback(server.stop)
-                    prefect_url = server.api_url
+                        stack.callback(self._server.stop)
+                    prefect_url = self._server.api_url
+            prefect_before = prefect_db_stats(self._server.db_path) if self._server else None
             if sc.model.kind == "ami" and "AMI_WEIGHTS_DIR" not in opt.worker_env:
                 weights = weights_for({j.pipeline for j in sc.jobs}, out_dir)
                 opt.worker_env["AMI_WEIGHTS_DIR"] = str(weights)
@@ -226,20 +428,35 @@ class Bench:
             stack.callback(self._stop_workers)
             self._wait_ready(out_dir)
             startup_s = time.monotonic() - bench_start
-            log.info("bench %s: %d %s workers ready after %.1fs (%s)", sc.name, sc.workers, opt.strategy, startup_s,
-                     opt.orchestration)
+            log.info("bench %s: %d %s workers ready after %.1fs (%s, %s transport)", sc.name, sc.workers, opt.strategy,
+                     startup_s, opt.orchestration, self.transport)
+            requests_before = _request_counts(dev)
             t0 = time.time()
-            submitted, cancelled = self._drive(dev, admin, t0)
+            self._release_drain(t0)
+            sampler = ProcessSampler(self.workers).start()
+            try:
+                submitted, cancelled = self._drive(dev, admin, t0)
+            finally:
+                procs = sampler.stop()
             finished_at = time.time()
+            requests_after = _request_counts(dev)
             jobs = {j.id: j.model_dump() for j in _retrying(admin.jobs)}
-            report = self._report(t0, startup_s, submitted, cancelled, jobs, out_dir)
+            answers = self._answers(dev, t0)
+            for thread in self._fault_threads:  # a Prefect outage still under way ends before the workers stop
+                thread.join()
+            self._stop_workers()  # before reading Prefect's database: the runs' final states and logs are in
+            prefect_after = prefect_db_stats(self._server.db_path) if self._server else None
+            report = self._report(t0, startup_s, submitted, cancelled, jobs, out_dir, answers)
             report["wall_s"] = round(finished_at - t0, 3)
+            report["api_requests"] = _delta(requests_before, requests_after)
+            report.update(procs)
+            report["prefect"] = _delta(prefect_before, prefect_after) if opt.orchestration == "prefect" else None
             return report
 
     def _start_workers(self, dev: DevStack, out_dir: Path, prefect_url: str | None) -> None:
         sc, opt = self.scenario, self.options
         for i in range(sc.workers):
-            name = f"{opt.strategy}-w{i}"
+            name = self._name(i)
             env = {
                 **os.environ,
                 "AMI_ANTENNA_API_URL": dev.api_url,
@@ -256,19 +473,49 @@ class Bench:
                 "AMI_METRICS_FILE": str(out_dir / f"{name}.metrics.jsonl"),
                 "AMI_READY_FILE": str(out_dir / f"{name}.ready"),
                 "PYTHONUNBUFFERED": "1",
-                **opt.worker_env,
             }
+            if opt.strategy == "drain":
+                env["AMI_DRAIN_START_FILE"] = str(out_dir / f"{name}.start")
+            elif self.transport == "rest":
+                env["AMI_TRANSPORT"] = "rest"
+                env["AMI_REST_ACK_WAIT_S"] = str(sc.queue.ack_wait_s)
+            env.update(opt.worker_env)
             if prefect_url:
                 env["PREFECT_API_URL"] = prefect_url
-            cmd = [sys.executable, "-m", "antenna_flows.cli", "worker", "--strategy", opt.strategy,
-                   "--orchestration", opt.orchestration]
-            log_file = open(out_dir / f"{name}.log", "wb")  # noqa: SIM115
-            self.workers.append(subprocess.Popen(cmd, env=env, stdout=log_file, stderr=subprocess.STDOUT,
-                                                 start_new_session=True))
+            self._envs.append(env)
+            self.workers.append(self._spawn(i))
+
+    def _name(self, i: int) -> str:
+        return f"{self.options.strategy}-w{i}"
+
+    def _spawn(self, i: int) -> subprocess.Popen[bytes]:
+        assert self._out_dir is not None
+        cmd = [sys.executable, "-m", "antenna_flows.cli", "worker", "--strategy", self.options.strategy,
+               "--orchestration", self.options.orchestration]
+        log_file = open(self._out_dir / f"{self._name(i)}.log", "ab")  # noqa: SIM115 - the child holds it
+        try:
+            return subprocess.Popen(cmd, env=self._envs[i], stdout=log_file, stderr=subprocess.STDOUT,
+                                    start_new_session=True)
+        finally:
+            log_file.close()
+
+    def _release_drain(self, t0: float) -> None:
+        """Time zero for drain workers: each makes its first poll after the rest of the sleep it was in."""
+        if self.options.strategy != "drain":
+            return
+        assert self._out_dir is not None
+        sleep_s = float(self.options.worker_env.get("AMI_DRAIN_IDLE_SLEEP_S",
+                                                    os.environ.get("AMI_DRAIN_IDLE_SLEEP_S", DEFAULT_DRAIN_SLEEP_S)))
+        self._phases = self.scenario.drain_phases(sleep_s)
+        for i, phase in enumerate(self._phases):
+            path = self._out_dir / f"{self._name(i)}.start"
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(json.dumps({"t0": t0, "phase_s": phase, "sleep_s": sleep_s}))
+            tmp.rename(path)
 
     def _wait_ready(self, out_dir: Path) -> None:
         deadline = time.monotonic() + READY_TIMEOUT_S
-        names = [f"{self.options.strategy}-w{i}" for i in range(self.scenario.workers)]
+        names = [self._name(i) for i in range(self.scenario.workers)]
         while time.monotonic() < deadline:
             for i, proc in enumerate(self.workers):
                 if proc.poll() is not None:
@@ -298,14 +545,34 @@ class Bench:
                                            missing=spec.bad_images.missing, corrupt=spec.bad_images.corrupt,
                                            prefix=f"job{spec.id}")
                     submitted[spec.id] = time.time() - t0
-                    admin.create_job(pipeline=spec.pipeline, image_urls=urls, priority=spec.priority, job_id=spec.id,
-                                     name=f"{sc.name} job {spec.id}")
+                    self._submit(admin, spec, urls)
+                elif kind == 1:
+                    follow = self._fault(spec, dev, admin, cancelled, t0)
+                    if follow is not None:
+                        events.append(follow)
+                        events.sort(key=lambda e: (e[0], e[1]))
                 else:
-                    self._fault(spec, dev, admin, cancelled)
+                    self._restart_worker(spec, t0)
             if not events and submitted and self._all_done(admin, set(submitted) - cancelled):
                 break
             time.sleep(POLL_S)
         return submitted, cancelled
+
+    def _submit(self, admin: AntennaAdmin, spec: JobSpec, urls: list[str]) -> None:
+        """Create the job, through an injected outage or a slow API (the bench does not give up)."""
+        sc = self.scenario
+
+        def create() -> None:
+            try:
+                admin.create_job(pipeline=spec.pipeline, image_urls=urls, priority=spec.priority, job_id=spec.id,
+                                 name=f"{sc.name} job {spec.id}")
+            except AntennaError as exc:
+                # an earlier try that timed out may have created it: then it is there, and that is success
+                if exc.status < 500 and _job_exists(admin, spec.id):
+                    return
+                raise
+
+        _retrying(create, attempts=300)
 
     @staticmethod
     def _all_done(admin: AntennaAdmin, live: set[int]) -> bool:
@@ -313,23 +580,59 @@ class Bench:
             return True
         try:
             jobs = {j.id: j for j in admin.jobs()}
-        except AntennaError:  # an injected API outage: look again at the next poll
+        except (AntennaError, httpx.HTTPError):  # an injected API outage: look again at the next poll
             return False
         return all(jid in jobs and jobs[jid].processed >= jobs[jid].total for jid in live)
 
-    def _fault(self, fault: FaultSpec, dev: DevStack, admin: AntennaAdmin, cancelled: set[int]) -> None:
-        log.warning("bench: fault %s", fault.model_dump())
-        if fault.action == "kill_worker":
-            proc = self.workers[fault.worker % len(self.workers)]
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
-        elif fault.action == "restart_nats":
-            dev.restart_nats()
-        elif fault.action == "api_errors":
-            dev.fail_api(fault.seconds)
-        elif fault.action == "cancel_job" and fault.job is not None:
-            admin.cancel(fault.job)
-            cancelled.add(fault.job)
+    def _fault(self, fault: FaultSpec, dev: DevStack, admin: AntennaAdmin, cancelled: set[int],
+               t0: float) -> tuple[float, int, Any] | None:
+        """Inject one fault; returns a follow-up event (a worker's restart) when there is one."""
+        log.warning("bench: fault %s", fault.model_dump(exclude_defaults=True))
+        entry: dict[str, Any] = {**fault.model_dump(exclude_defaults=True), "applied_s": _r(time.time() - t0)}
+        self._fault_log.append(entry)
+        follow = None
+        try:
+            if fault.action == "kill_worker":
+                i = fault.worker % len(self.workers)
+                proc = self.workers[i]
+                if proc.poll() is None:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    proc.wait()
+                if fault.restart_after_s is not None:
+                    follow = (fault.at_s + fault.restart_after_s, 2, i)
+            elif fault.action == "restart_nats":
+                dev.restart_nats()
+            elif fault.action == "api_errors":
+                dev.fail_api(fault.seconds)
+            elif fault.action == "slow_api":
+                _devstack_call(dev, "slow_api", fault.seconds, fault.delay_s)
+            elif fault.action == "save_errors":
+                _devstack_call(dev, "fail_saves", fault.seconds, fault.fraction)
+            elif fault.action == "slow_saves":
+                _devstack_call(dev, "slow_saves", fault.seconds, fault.delay_s)
+            elif fault.action == "prefect_down":
+                if self._server is None:
+                    raise RuntimeError("prefect_down needs --orchestration prefect and a Prefect server the bench "
+                                       "started (not one from PREFECT_API_URL)")
+                thread = threading.Thread(target=self._server.outage, args=(fault.seconds,), name="prefect-outage",
+                                          daemon=True)
+                thread.start()
+                self._fault_threads.append(thread)
+            elif fault.action == "cancel_job" and fault.job is not None:
+                _retrying(lambda: admin.cancel(fault.job), attempts=300)  # type: ignore[arg-type]
+                cancelled.add(fault.job)
+        except Exception as exc:  # noqa: BLE001 - a fault that cannot be injected is reported, not fatal
+            log.error("bench: fault %s could not be injected: %s", fault.action, exc)
+            entry["error"] = str(exc)
+        return follow
+
+    def _restart_worker(self, i: int, t0: float) -> None:
+        """The same worker (same name, settings, files) started again, as a supervisor would."""
+        log.warning("bench: restarting worker %s", self._name(i))
+        if self.workers[i].poll() is None:
+            return
+        self.workers[i] = self._spawn(i)
+        self._fault_log.append({"action": "restart_worker", "worker": i, "applied_s": _r(time.time() - t0)})
 
     def _stop_workers(self) -> None:
         for proc in self.workers:
@@ -343,10 +646,31 @@ class Bench:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
 
+    def _answers(self, dev: DevStack, t0: float) -> dict[str, Any]:
+        """Per-image first answers from the API's store: the timeline, and which were dead letters."""
+        times: list[float] = []
+        dead: dict[int, int] = {}
+        for spec in self.scenario.jobs:
+            try:
+                records = dev.store.results(spec.id)
+            except Exception as exc:  # noqa: BLE001 - figures from the job rows still stand
+                log.warning("bench: results of job %s unreadable: %s", spec.id, exc)
+                continue
+            times.extend(r.first_at - t0 for r in records)
+            dead[spec.id] = sum(1 for r in records if getattr(r, "dead_lettered", False))
+        bins: list[int] = []
+        for t in times:
+            k = max(0, int(t))
+            if k >= len(bins):
+                bins.extend([0] * (k + 1 - len(bins)))
+            bins[k] += 1
+        return {"per_s": bins, "dead": dead}
+
     def _report(self, t0: float, startup_s: float, submitted: dict[int, float], cancelled: set[int],
-                jobs: dict[int, dict[str, Any]], out_dir: Path) -> dict[str, Any]:
+                jobs: dict[int, dict[str, Any]], out_dir: Path, answers: dict[str, Any]) -> dict[str, Any]:
         sc, opt = self.scenario, self.options
         slot_s = 0.0
+        inferred = 0
         max_idle = 0.0
         for path in out_dir.glob("*.metrics.jsonl"):
             for line in path.read_text().splitlines():
@@ -355,6 +679,7 @@ class Bench:
                 except ValueError:
                     continue
                 slot_s += row.get("slot_s", 0.0)
+                inferred += int(row.get("n", 0))
                 max_idle = max(max_idle, row.get("max_reserved_idle_s", 0.0))
         rows = []
         answered_total = 0
@@ -363,6 +688,7 @@ class Bench:
         for spec in sc.jobs:
             j = jobs.get(spec.id, {})
             results, errors = int(j.get("results", 0)), int(j.get("errors", 0))
+            dead = int(j["dead_lettered"]) if "dead_lettered" in j else answers["dead"].get(spec.id, 0)
             total = int(j.get("total", spec.images))
             answered_total += results + errors
             first = j.get("first_result_at")
@@ -373,7 +699,8 @@ class Bench:
             if spec.id not in cancelled:
                 lost += max(0, total - results - errors)
             rows.append({
-                "id": spec.id, "images": spec.images, "results": results, "errors": errors,
+                "id": spec.id, "images": spec.images, "results": results, "errors": errors - dead,
+                "dead_lettered": dead,
                 "submitted_s": _r(submitted.get(spec.id)),
                 "first_result_s": _r(first - t0 if first else None),
                 "completed_s": _r(done - t0 if done else None),
@@ -381,16 +708,86 @@ class Bench:
                 "priority": spec.priority, "pipeline": spec.pipeline, "cancelled": spec.id in cancelled,
             })
         makespan = last_answer
+        # Each image's first inference only: drain re-infers what NATS redelivered, and that duplicate
+        # work is no part of the bound. Slot seconds are scaled by (images answered by a worker /
+        # images inferred), i.e. duplicates are charged at the run's mean slot seconds per image.
+        worker_answered = answered_total - sum(r["dead_lettered"] for r in rows)
+        first_share = min(1.0, worker_answered / inferred) if inferred else 1.0
+        ideal_model = sc.ideal_makespan_model_s()
         return {
             "scenario": sc.name, "strategy": opt.strategy, "orchestration": opt.orchestration, "workers": sc.workers,
+            "transport": self.transport,
             "startup_s": _r(startup_s), "makespan_s": _r(makespan),
             "images_per_s": _r(answered_total / makespan if makespan > 0 else 0.0),
-            "ideal_makespan_s": _r(slot_s / sc.workers),
+            "ideal_makespan_s": _r(slot_s * first_share / sc.workers),
+            "ideal_makespan_model_s": _r(ideal_model),
             "redeliveries": sum(r["redelivered"] for r in rows), "duplicate_results": sum(r["duplicates"] for r in rows),
-            "lost": lost, "errors": sum(r["errors"] for r in rows), "max_reserved_idle_s": _r(max_idle),
-            "slot_seconds": _r(slot_s), "ack_wait_s": sc.queue.ack_wait_s,
+            "lost": lost, "errors": sum(r["errors"] for r in rows),
+            "dead_lettered": sum(r["dead_lettered"] for r in rows),
+            "max_reserved_idle_s": _r(max_idle),
+            "slot_seconds": _r(slot_s), "inferred_images": inferred, "ack_wait_s": sc.queue.ack_wait_s,
+            "drain_start_phase_s": self._phases, "seed": sc.seed,
+            "faults": self._fault_log,
+            "answers_per_s": answers["per_s"],
             "jobs": rows,
         }
+
+
+DEFAULT_DRAIN_SLEEP_S = 5.0  # DrainSettings.drain_idle_sleep_s (upstream SLEEP_TIME_SECONDS)
+
+
+def _reaper_options(stack_type: type) -> dict[str, Any]:
+    """Turn the local API's dead-letter reaper on where the DevStack offers it: a task that ran out
+    of max_deliver then gets a marked error result (reported as ``dead_lettered``), so its job ends."""
+    import inspect
+
+    params = inspect.signature(stack_type.__init__).parameters
+    return {name: True for name in params if "reap" in name}
+
+
+def _enable_reaper(dev: DevStack) -> None:
+    for name in ("enable_reaper", "enable_dead_letter_reaper"):
+        method = getattr(dev, name, None)
+        if callable(method):
+            method()
+            return
+
+
+def _devstack_call(dev: DevStack, name: str, *args: Any) -> None:
+    method = getattr(dev, name, None)
+    if method is None:
+        raise RuntimeError(f"this DevStack has no {name}() (fault not supported by the local API yet)")
+    method(*args)
+
+
+def _request_counts(dev: DevStack) -> dict[str, int] | None:
+    """The workers' requests to the API by endpoint (the bench's own admin calls excluded), if counted."""
+    counts = getattr(dev, "request_counts", None)
+    if counts is None:
+        return None
+    try:
+        got = counts()
+    except Exception as exc:  # noqa: BLE001
+        log.warning("bench: request counts unreadable: %s", exc)
+        return None
+    out = {"jobs": 0, "tasks": 0, "result": 0, "other": 0}
+    for key, value in dict(got).items():
+        out[key if key in out else "other"] += int(value)
+    return out
+
+
+def _delta(before: dict[str, int] | None, after: dict[str, int] | None) -> dict[str, int] | None:
+    if after is None:
+        return None
+    return {k: v - (before or {}).get(k, 0) for k, v in after.items()}
+
+
+def _job_exists(admin: AntennaAdmin, job_id: int) -> bool:
+    try:
+        admin.job(job_id)
+        return True
+    except (AntennaError, httpx.HTTPError):
+        return False
 
 
 def weights_for(pipelines: set[str], out_dir: Path) -> Path:
@@ -415,15 +812,19 @@ def weights_for(pipelines: set[str], out_dir: Path) -> Path:
     return fake
 
 
-def _retrying(read: Any, attempts: int = 50, pause_s: float = 0.2) -> Any:
-    """Read from the API through an injected outage (the bench observes; it does not give up)."""
+def _retrying(call: Any, attempts: int = 50, pause_s: float = 0.2) -> Any:
+    """Call the API through an injected outage or a slow API (the bench observes; it does not give up).
+    5xx, timeouts and connection errors are retried; any other error status is raised at once."""
     for attempt in range(attempts):
         try:
-            return read()
-        except AntennaError:
+            return call()
+        except AntennaError as exc:
+            if exc.status < 500 or attempt == attempts - 1:
+                raise
+        except httpx.HTTPError:
             if attempt == attempts - 1:
                 raise
-            time.sleep(pause_s)
+        time.sleep(pause_s)
 
 
 def _r(value: float | None, digits: int = 3) -> float | None:
@@ -450,13 +851,29 @@ def format_report(report: dict[str, Any]) -> str:
     lines.append("")
     lines.append(
         f"{report['scenario']}: strategy={report['strategy']} orchestration={report['orchestration']} "
-        f"workers={report['workers']} startup={report['startup_s']}s"
+        f"transport={report.get('transport')} workers={report['workers']} startup={report['startup_s']}s"
     )
     lines.append(
-        f"makespan={report['makespan_s']}s (ideal {report['ideal_makespan_s']}s) images/s={report['images_per_s']} "
+        f"makespan={report['makespan_s']}s (ideal {report['ideal_makespan_s']}s measured, "
+        f"{report.get('ideal_makespan_model_s')}s from the scenario) images/s={report['images_per_s']} "
         f"redeliveries={report['redeliveries']} duplicates={report['duplicate_results']} lost={report['lost']} "
-        f"errors={report['errors']} max_reserved_idle={report['max_reserved_idle_s']}s (ack_wait {report['ack_wait_s']}s)"
+        f"errors={report['errors']} dead_lettered={report.get('dead_lettered', 0)} "
+        f"max_reserved_idle={report['max_reserved_idle_s']}s (ack_wait {report['ack_wait_s']}s)"
     )
+    if report.get("drain_start_phase_s"):
+        lines.append(f"drain start phases (s into the idle sleep at time zero): {report['drain_start_phase_s']}")
+    if report.get("api_requests"):
+        lines.append(f"API requests by the workers: {report['api_requests']}")
+    if report.get("worker_rss_mb"):
+        lines.append("worker RSS MiB (first/peak/last): " + ", ".join(
+            f"w{r['worker']} {r['first']}/{r['peak']}/{r['last']}" for r in report["worker_rss_mb"]))
+    if report.get("worker_open_fds"):
+        lines.append("worker open fds (start -> end): " + ", ".join(
+            f"w{r['worker']} {r['start']}->{r['end']}" for r in report["worker_open_fds"]))
+    if report.get("prefect"):
+        lines.append(f"Prefect database: {report['prefect']}")
+    for fault in report.get("faults") or ():
+        lines.append(f"fault at {fault.get('applied_s')}s: {fault}")
     return "\n".join(lines)
 
 

@@ -4,30 +4,43 @@ What ``ami worker`` (RolnickLab/ami-data-companion, ``trapdata/antenna/worker.py
 and ``datasets.py``) does, per the contract's last section:
 
 1. ``GET /jobs/?ids_only=1&incomplete_only=1...`` without a limit: Antenna
-   answers one random incomplete job; none -> sleep 5 s and poll again.
+   answers one random incomplete job; none -> sleep 5 s and poll again. The GET
+   is retried 3x on 5xx and connection errors (upstream's ``get_http_session``).
 2. Drain that job: ``loaders`` DataLoader subprocesses each loop
    ``POST /jobs/{id}/tasks/ {batch_size}`` -> download the batch's images ->
    hand the batch over, holding up to ``prefetch`` batches ahead of the GPU,
    until the job answers no tasks.
 3. The GPU process runs the batches serially; results are posted by 2
    threads (at most 5 posts pending), never retried; Antenna acks them.
+4. A job that fails (model load, anything unexpected) is logged and the loop
+   goes on to the next poll, as upstream catches per job.
 
 Nothing here extends (+WPI), releases or interleaves: that is the point. The
-same model, image loader and metrics as the fair worker keep the comparison
-about scheduling alone.
+same model, image loader (the model's ``decode``/``prepare`` fast path, as the
+fair worker feeds it) and metrics as the fair worker keep the comparison about
+scheduling alone.
+
+Start phase: a real fleet is somewhere inside its 5 s idle sleep when a job
+arrives. Under the bench (``AMI_DRAIN_START_FILE``) the worker loads and warms
+up its models, says it is ready, then waits for the bench's start file
+(``{"t0": unix time, "phase_s": p, "sleep_s": s}``) and makes its first poll at
+``t0 + s - p``: it was ``p`` seconds into its sleep at time zero.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import os
 import time
+from pathlib import Path
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
 from antenna_flows.accounting import BatchLog, Ledger
-from antenna_flows.antenna_client import AntennaClient, AuthError
+from antenna_flows.antenna_client import AntennaClient, AuthError, Unavailable
 from antenna_flows.imageloader import ImageError, ImageLoader
 from antenna_flows.jetstream import parse_ack_subject
 from antenna_flows.models.base import ImageInput, Model
@@ -38,6 +51,9 @@ log = logging.getLogger(__name__)
 
 RESULT_POSTERS = 2  # upstream: 2 posting threads
 MAX_PENDING_POSTS = 5  # upstream: at most 5 pending posts
+GET_RETRIES = 3  # upstream: GETs retry 3x on 5xx (urllib3 Retry on its requests session)
+GET_BACKOFF_S = 0.3  # upstream's backoff factor: 0.3, 0.6, 1.2 s between tries
+START_FILE_ENV = "AMI_DRAIN_START_FILE"  # the bench's time-zero signal (see the module docstring)
 
 
 @dataclass
@@ -63,6 +79,9 @@ class DrainWorker:
         self._post_sem = asyncio.Semaphore(MAX_PENDING_POSTS)
         self._posters = asyncio.Semaphore(RESULT_POSTERS)
         self._posts: set[asyncio.Task[Any]] = set()
+        # The model's own feeding hooks, exactly as the fair worker uses them (decode bytes, else PIL + prepare).
+        self._decode = getattr(model, "decode", None)
+        self._prepare = getattr(model, "prepare", None) or getattr(model, "host_tensor", None)
 
     def stop(self, reason: str = "requested") -> None:
         log.info("drain worker %s: stopping (%s)", self.name, reason)
@@ -74,25 +93,30 @@ class DrainWorker:
         self.loader = ImageLoader(timeout_s=s.image_timeout_s, max_bytes=s.image_max_bytes, max_pixels=s.image_max_pixels,
                                   concurrency=8)
         stopper = asyncio.create_task(self._stop_after(s.max_runtime_s)) if s.max_runtime_s else None
-        first_poll = True
         try:
+            await self._prepare_models()
+            if s.ready_file:
+                s.ready_file.touch()
+            await self._wait_start()
             while not self._stop.is_set():
                 try:
-                    jobs = await self.client.list_jobs(self.served, limit=None)
+                    jobs = await self._list_jobs()
                 except AuthError:
                     raise
                 except Exception as exc:  # noqa: BLE001 - upstream logs and sleeps
                     log.error("drain worker %s: job poll failed: %s", self.name, exc)
                     jobs = []
-                if first_poll and s.ready_file:
-                    s.ready_file.touch()
-                    first_poll = False
                 any_work = False
                 for job in jobs:
                     if job.pipeline_slug not in self.served:
                         continue
                     log.info("drain worker %s: processing job %s (%s)", self.name, job.id, job.pipeline_slug)
-                    any_work = await self._process_job(job.id, job.pipeline_slug) or any_work
+                    try:
+                        any_work = await self._process_job(job.id, job.pipeline_slug) or any_work
+                    except AuthError:
+                        raise
+                    except Exception as exc:  # noqa: BLE001 - upstream catches per job and polls again
+                        log.exception("drain worker %s: job %s failed: %s", self.name, job.id, exc)
                 if not any_work:
                     await self._sleep(self.config.drain_idle_sleep_s)
         finally:
@@ -104,6 +128,51 @@ class DrainWorker:
             self._slot.shutdown(wait=False, cancel_futures=True)
             self._metrics.close()
         return self.ledger.totals()
+
+    async def _prepare_models(self) -> None:
+        """Load and warm up every served pipeline before saying ready, as the fair worker does,
+        so start-up (reported apart) holds model loading for both. A pipeline that cannot
+        load is logged and tried again per job, where upstream loads it."""
+        loop = asyncio.get_running_loop()
+        warm = getattr(self.model, "warmup_input", None)
+        for pipeline in self.served:
+            try:
+                await loop.run_in_executor(self._slot, self.model.load, pipeline)
+                if warm is not None:
+                    task = PipelineProcessingTask(id="warmup", image_id="warmup", image_url="warmup")
+                    await loop.run_in_executor(self._slot, self.model.predict, pipeline, [ImageInput(task, warm())])
+            except Exception as exc:  # noqa: BLE001 - upstream finds out per job
+                log.warning("drain worker %s: %s not loaded at start: %s", self.name, pipeline, exc)
+
+    async def _wait_start(self) -> None:
+        """Under the bench: wait for time zero, then for the rest of the idle sleep we were in."""
+        path = os.environ.get(START_FILE_ENV)
+        if not path:
+            return
+        start = Path(path)
+        while not start.exists() and not self._stop.is_set():
+            await asyncio.sleep(0.02)
+        try:
+            spec = json.loads(start.read_text())
+        except (OSError, ValueError):
+            return
+        first_poll = float(spec["t0"]) + float(spec.get("sleep_s", self.config.drain_idle_sleep_s)) - float(spec["phase_s"])
+        wait = first_poll - time.time()
+        log.info("drain worker %s: start phase %.3fs into a %.1fs sleep: first poll in %.3fs", self.name,
+                 float(spec["phase_s"]), float(spec.get("sleep_s", self.config.drain_idle_sleep_s)), max(0.0, wait))
+        if wait > 0:
+            await self._sleep(wait)
+
+    async def _list_jobs(self) -> list[Any]:
+        """GET /jobs/ (one random job), retried 3x on 5xx and connection errors as upstream's session does."""
+        for attempt in range(GET_RETRIES + 1):
+            try:
+                return await self.client.list_jobs(self.served, limit=None)
+            except Unavailable:
+                if attempt == GET_RETRIES:
+                    raise
+                await asyncio.sleep(GET_BACKOFF_S * 2 ** attempt)
+        return []
 
     async def _sleep(self, seconds: float) -> None:
         try:
@@ -122,15 +191,20 @@ class DrainWorker:
         loaders = [asyncio.create_task(self._loader(job_id, i, ready, room[i])) for i in range(self.config.drain_loaders)]
         finished = 0
         did_work = False
-        await asyncio.get_running_loop().run_in_executor(self._slot, self.model.load, pipeline)
-        while finished < len(loaders):
-            batch = await ready.get()
-            if batch is None:
-                finished += 1
-                continue
-            room[batch.loader].release()
-            did_work = True
-            await self._run_batch(pipeline, batch)
+        try:
+            await asyncio.get_running_loop().run_in_executor(self._slot, self.model.load, pipeline)
+            while finished < len(loaders):
+                batch = await ready.get()
+                if batch is None:
+                    finished += 1
+                    continue
+                room[batch.loader].release()
+                did_work = True
+                await self._run_batch(pipeline, batch)
+        finally:
+            for loader in loaders:
+                loader.cancel()
+            await asyncio.gather(*loaders, return_exceptions=True)
         return did_work
 
     async def _loader(self, job_id: int, index: int, ready: asyncio.Queue[LoadedBatch | None], room: asyncio.Semaphore) -> None:
@@ -153,7 +227,7 @@ class DrainWorker:
 
     async def _load(self, task: PipelineProcessingTask) -> Any:
         try:
-            return await self.loader.load(task.image_url)
+            return await self.loader.load(task.image_url, self._prepare, self._decode)
         except ImageError as exc:
             return exc
 
@@ -179,7 +253,7 @@ class DrainWorker:
                                result=PipelineResultsError(error=str(e), image_id=t.image_id)) for t, e in failed]
         idle = started - batch.reserved_at
         self.ledger.batch({batch.job_id: seconds}, {batch.job_id: len(batch.tasks)}, {batch.job_id: idle})
-        self._metrics.write(pipeline, wall_start, seconds, {batch.job_id: len(batch.tasks)}, idle)
+        self._metrics.write(pipeline, seconds, {batch.job_id: len(batch.tasks)}, idle)
         await self._post_sem.acquire()
         task = asyncio.create_task(self._post(batch.job_id, results, len(ok), len(failed)))
         self._posts.add(task)
