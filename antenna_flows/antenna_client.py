@@ -1,10 +1,16 @@
-"""The worker's HTTP client for Antenna's API (one pooled httpx client per worker).
+"""The one HTTP client family for Antenna's API, and its one error taxonomy.
 
-Only what a worker needs: list incomplete jobs, reserve tasks through the REST
-endpoint (the drain baseline and the REST transport), post results. Errors are
-sorted into what a caller can act on: :class:`AuthError` (wrong token: stop),
-:class:`Rejected` (4xx: retrying will not help), :class:`Unavailable`
-(5xx, timeouts, connection errors: retry later).
+:class:`AntennaClient` (async, one pooled httpx client per worker) does what a
+worker needs: list incomplete jobs, reserve tasks through the REST endpoint
+(the drain baseline and the REST transport), post results, register
+pipelines. The local API's admin clients (``lab/antenna/admin.py``) build on
+the same request checking (:func:`check_response`) and errors.
+
+Errors are sorted into what a caller can act on, all :class:`AntennaError`
+(``status``: the HTTP status or None, ``body``: the answer's JSON or text):
+:class:`AuthError` (401/403, wrong token: stop), :class:`Rejected` (other
+4xx: retrying will not help), :class:`Unavailable` (5xx, timeouts,
+connection errors: retry later).
 """
 
 from __future__ import annotations
@@ -20,6 +26,8 @@ from pydantic import ValidationError
 from antenna_flows import __version__
 from antenna_flows.schemas import (
     JobListItem,
+    PipelineConfigResponse,
+    PipelineRegistrationRequest,
     JobListResponse,
     PipelineProcessingTask,
     ResultsRequest,
@@ -33,8 +41,17 @@ log = logging.getLogger(__name__)
 JOBS_PAGE_LIMIT = 1000
 
 
+USER_AGENT = f"antenna-flows/{__version__}"
+
+
 class AntennaError(Exception):
-    pass
+    """Antenna answered with an error, or could not be reached. ``status`` is the HTTP
+    status (None without an answer); ``body`` the answer's text ("" without one)."""
+
+    def __init__(self, message: str, status: int | None = None, body: str = ""):
+        super().__init__(message)
+        self.status = status
+        self.body = body
 
 
 class AuthError(AntennaError):
@@ -45,13 +62,32 @@ class Rejected(AntennaError):
     """A 4xx other than auth: the request itself is wrong (or the job is gone: 404)."""
 
     def __init__(self, status: int, body: str, url: str):
-        super().__init__(f"HTTP {status} from {url}: {body[:500]}")
-        self.status = status
-        self.body = body
+        super().__init__(f"HTTP {status} from {url}: {body[:500]}", status, body)
 
 
 class Unavailable(AntennaError):
     """5xx, timeout or connection failure: Antenna may answer later."""
+
+
+def check_response(response: httpx.Response, method: str, where: str) -> httpx.Response:
+    """The response if it is a success, else the error it is (shared by every client of the family)."""
+    status = response.status_code
+    if status < 400:
+        return response
+    body = response.text
+    if status in (401, 403):
+        raise AuthError(f"{method} {where}: HTTP {status} {response.text[:200]}", status, body)
+    if status >= 500:
+        raise Unavailable(f"{method} {where}: HTTP {status} {response.text[:200]}", status, body)
+    raise Rejected(status, body, f"{method} {where}")
+
+
+def transport_error(exc: httpx.HTTPError, method: str, where: str) -> Unavailable:
+    return Unavailable(f"{method} {where}: {type(exc).__name__}: {exc}")
+
+
+def auth_headers(token: str, user_agent: str = USER_AGENT) -> dict[str, str]:
+    return {"Authorization": f"Token {token}", "User-Agent": user_agent}
 
 
 def client_info(worker_name: str) -> dict[str, Any]:
@@ -65,12 +101,16 @@ def client_info(worker_name: str) -> dict[str, Any]:
 
 
 class AntennaClient:
+    """Async client for Antenna's API (``base_url`` ends in ``/api/v2``)."""
+
+    user_agent = USER_AGENT
+
     def __init__(self, base_url: str, token: str, *, timeout_s: float = 30.0, worker_name: str = "antenna-flows"):
         self.base_url = base_url.rstrip("/")
         self.worker_name = worker_name
         self.http = httpx.AsyncClient(
             base_url=self.base_url,
-            headers={"Authorization": f"Token {token}", "User-Agent": f"antenna-flows/{__version__}"},
+            headers=auth_headers(token, self.user_agent),
             timeout=httpx.Timeout(timeout_s),
             limits=httpx.Limits(max_connections=16, max_keepalive_connections=8),
         )
@@ -78,18 +118,35 @@ class AntennaClient:
     async def aclose(self) -> None:
         await self.http.aclose()
 
+    async def __aenter__(self) -> "AntennaClient":
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
     async def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
         try:
             response = await self.http.request(method, path, **kwargs)
         except httpx.HTTPError as exc:
-            raise Unavailable(f"{method} {path}: {type(exc).__name__}: {exc}") from exc
-        if response.status_code in (401, 403):
-            raise AuthError(f"{method} {self.base_url}{path}: HTTP {response.status_code} {response.text[:200]}")
-        if response.status_code >= 500:
-            raise Unavailable(f"{method} {path}: HTTP {response.status_code} {response.text[:200]}")
-        if response.status_code >= 400:
-            raise Rejected(response.status_code, response.text, f"{method} {path}")
-        return response
+            raise transport_error(exc, method, path) from exc
+        return check_response(response, method, f"{self.base_url}{path}" if response.status_code in (401, 403) else path)
+
+    async def register_pipelines(
+        self, project_id: int, service_name: str, pipelines: list[PipelineConfigResponse]
+    ) -> dict[str, Any]:
+        """``POST /projects/{id}/pipelines/``: Antenna's answer (``pipelines_created``, ``algorithms_created``, ...)."""
+        body = PipelineRegistrationRequest(processing_service_name=service_name, pipelines=pipelines)
+        response = await self._request(
+            "POST",
+            f"/projects/{project_id}/pipelines/",
+            content=body.model_dump_json(),
+            headers={"Content-Type": "application/json"},
+        )
+        try:
+            answer = response.json()
+        except ValueError as exc:
+            raise Unavailable(f"POST /projects/{project_id}/pipelines/: unreadable answer: {exc}") from exc
+        return answer if isinstance(answer, dict) else {"answer": answer}
 
     async def list_jobs(self, pipelines: list[str] | None = None, limit: int | None = JOBS_PAGE_LIMIT) -> list[JobListItem]:
         """Incomplete async jobs for these pipelines. ``limit=None`` is Antenna's default (one random job)."""

@@ -70,7 +70,7 @@ class ClassificationResponse(BaseModel):
 
 class DetectionResponse(BaseModel):
     source_image_id: str
-    bbox: BoundingBox
+    bbox: BoundingBox | None = None  # Antenna allows a detection without a box (ami/ml/schemas.py)
     inference_time: float | None = None
     algorithm: AlgorithmReference
     timestamp: dt.datetime
@@ -199,6 +199,13 @@ class PipelineRegistrationRequest(BaseModel):
 
 
 class PipelineRegistrationResponse(BaseModel):
+    """Antenna's answer to a registration (201): what it now knows and what it created."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    timestamp: dt.datetime = Field(default_factory=utcnow)
+    success: bool = False
+    error: str | None = None
+    pipelines: list[PipelineConfigResponse] = Field(default_factory=list)
     pipelines_created: list[str] = Field(default_factory=list)
-    pipelines_updated: list[str] = Field(default_factory=list)
-    processing_service_id: int | None = None
+    algorithms_created: list[str] = Field(default_factory=list)

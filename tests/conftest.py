@@ -40,10 +40,13 @@ def stack_factory(nats_server: EmbeddedNats, tmp_path_factory: pytest.TempPathFa
     """Make started DevStacks, all stopped at teardown.
 
     ``make(ack_wait_s=2.0, max_deliver=2, max_ack_pending=1000, own_nats=False,
-    max_body_bytes=..., housekeeping_interval_s=0.2)``: queue settings apply
+    max_body_bytes=..., housekeeping_interval_s=0.2, register_kinds=("sim", "ami"),
+    reap_dead_letters=False, save_workers=2, seed=0)``: queue settings apply
     to the stack's jobs; ``own_nats=True`` gives the stack an embedded
     nats-server of its own (for NATS outages), else it uses ``nats_server``.
-    Housekeeping (dead letters, stats samples) runs every 0.2 s so tests wait little.
+    Housekeeping (stats samples, and dead letters with ``reap_dead_letters``) runs every
+    0.2 s so tests wait little. ``register_kinds``: the model kinds whose algorithms the
+    stack pre-registers (a result naming any other algorithm is refused at save time).
     """
     stacks: list[DevStack] = []
 
@@ -54,6 +57,10 @@ def stack_factory(nats_server: EmbeddedNats, tmp_path_factory: pytest.TempPathFa
         own_nats: bool = False,
         max_body_bytes: int = 32 * 1024 * 1024,
         housekeeping_interval_s: float = 0.2,
+        register_kinds: tuple[str, ...] = ("sim", "ami"),
+        reap_dead_letters: bool = False,
+        save_workers: int = 2,
+        seed: int = 0,
     ) -> DevStack:
         queue = QueueSettings(
             nats_url=None if own_nats else nats_server.url,
@@ -70,7 +77,15 @@ def stack_factory(nats_server: EmbeddedNats, tmp_path_factory: pytest.TempPathFa
             data_dir=tmp_path_factory.mktemp("stack"),
             api_max_body_bytes=max_body_bytes,
         )
-        stack = DevStack(queue, api, housekeeping_interval_s=housekeeping_interval_s)
+        stack = DevStack(
+            queue,
+            api,
+            housekeeping_interval_s=housekeeping_interval_s,
+            register_kinds=register_kinds,
+            reap_dead_letters=reap_dead_letters,
+            save_workers=save_workers,
+            seed=seed,
+        )
         stacks.append(stack)
         return stack.start()
 

@@ -103,9 +103,31 @@ def test_dead_letters_fill_only_images_without_a_result(store: Store) -> None:
     outcome = store.record_dead_letters(job_id, ["1", "2"], "task exceeded max_deliver (2 deliveries) without a result")
     assert outcome.stored == [False, True] and outcome.completed
     job = store.job(job_id)
-    assert (job.results, job.errors, job.duplicates, job.status) == (1, 1, 0, "SUCCESS")
+    assert (job.results, job.errors, job.duplicates, job.status, job.dead_lettered) == (1, 1, 0, "SUCCESS", 1)
     dead = [r for r in store.results(job_id) if r.image_id == "2"][0]
     assert dead.payload == {"error": "task exceeded max_deliver (2 deliveries) without a result", "image_id": "2"}
+    assert dead.dead_lettered and store.dead_lettered(job_id) == 1
+    assert not [r for r in store.results(job_id) if r.image_id == "1"][0].dead_lettered
+
+
+def test_more_than_half_failed_is_failure(store: Store) -> None:
+    half = started(store, 2)
+    store.save_results(half, [failed("1"), ok("2")])
+    assert store.job(half).status == "SUCCESS"  # exactly half: not more than half
+    most = started(store, 3)
+    images = [i.image_id for i in store.images(most)]
+    outcome = store.save_results(most, [failed(images[0]), failed(images[1]), ok(images[2])])
+    assert outcome.completed and store.job(most).status == "FAILURE"
+    assert store.job(most).dead_lettered == 0  # a worker's error results are not dead letters
+
+
+def test_job_states_pending_then_started(store: Store) -> None:
+    job, images = store.create_job(pipeline_slug="p", images=[(None, "u")], ack_wait_s=1, max_deliver=2)
+    store.mark_pending(job.id)
+    assert store.job(job.id).status == "PENDING"
+    assert store.list_jobs(incomplete_only=True)[0] == 1
+    store.start_job(job.id, {images[0].image_id: 1})
+    assert store.job(job.id).status == "STARTED"
 
 
 def test_cancel_is_final_and_results_after_it_do_not_complete(store: Store) -> None:
@@ -114,11 +136,14 @@ def test_cancel_is_final_and_results_after_it_do_not_complete(store: Store) -> N
     assert not store.cancel_job(job_id)
     assert not store.save_results(job_id, [ok("1")]).completed
     job = store.job(job_id)
-    assert job.status == "REVOKED" and job.completed_at is None and job.cancelled_at is not None
+    assert job.status == "CANCELING" and job.completed_at is None and job.cancelled_at is not None
     assert job.results == 1
     assert store.uncleaned_job_ids() == [job_id]
-    store.mark_cleaned(job_id)
-    assert store.uncleaned_job_ids() == []
+    store.mark_cleaned(job_id)  # NATS resources gone: REVOKED
+    assert store.uncleaned_job_ids() == [] and store.job(job_id).status == "REVOKED"
+    assert not store.cancel_job(job_id)
+    never_started, _ = store.create_job(pipeline_slug="p", images=[(None, "u")], ack_wait_s=1, max_deliver=2)
+    assert store.cancel_job(never_started.id) and store.job(never_started.id).status == "REVOKED"
 
 
 def test_stats_samples_keep_cumulative_counts_and_freeze_after_cleanup(store: Store) -> None:
@@ -142,6 +167,8 @@ def test_listing_filters_and_orders(store: Store) -> None:
     store.cancel_job(a)
     assert [j.id for j in store.list_jobs()[1]] == [b, a]
     assert [j.id for j in store.list_jobs(order="oldest")[1]] == [a, b]
+    assert store.list_jobs(incomplete_only=True)[0] == 2  # CANCELING is not final (Antenna's JobState)
+    store.mark_cleaned(a)
     count, page = store.list_jobs(incomplete_only=True)
     assert count == 1 and [j.id for j in page] == [b]
     assert store.list_jobs(pipelines=["other"])[0] == 0
@@ -156,6 +183,18 @@ def test_pipeline_registration_upserts(store: Store) -> None:
     assert store.register_pipelines(1, "svc", [{**p, "version": 2}, {**p, "slug": "q"}]) == (["q"], ["p"], 1)
     assert store.register_pipelines(2, "svc", [p])[2] == 2  # services are per project
     assert [x["version"] for x in store.pipelines(1)] == [2, 1]
+
+
+def test_registered_algorithms_are_a_union_per_project_and_pipeline(store: Store) -> None:
+    ami = {"name": "P", "slug": "p", "version": 1, "algorithms": [{"name": "Det", "key": "det"}, {"name": "Cls", "key": "cls"}]}
+    sim = {"name": "P", "slug": "p", "version": 1, "algorithms": [{"name": "Sim", "key": "sim-detector"}]}
+    first = store.register(1, "ami-service", [ami])
+    assert (first.pipelines_created, first.algorithms_created) == (["p"], ["det", "cls"])
+    second = store.register(1, "sim-service", [sim])
+    assert (second.pipelines_updated, second.algorithms_created) == (["p"], ["sim-detector"])
+    assert store.algorithm_keys(1, "p") == {"det", "cls", "sim-detector"}
+    assert store.register(2, "ami-service", [ami]).algorithms_created == []  # algorithms are global, by key
+    assert store.algorithm_keys(2, "p") == {"det", "cls"} and store.algorithm_keys(3, "p") == set()
 
 
 def test_concurrent_saves_from_threads_count_exactly(tmp_path) -> None:

@@ -2,8 +2,13 @@
 
 What an operator does in Antenna's UI, over HTTP, for tests, the bench and
 the CLI. :class:`AntennaAdmin` is synchronous (scripts, tests, a DevStack from
-sync code); :class:`AsyncAntennaAdmin` the same on an event loop (the bench).
-Request building is shared, so the two cannot drift.
+sync code); :class:`AsyncAntennaAdmin` the same on an event loop (the bench),
+an :class:`~antenna_flows.antenna_client.AntennaClient` with admin calls.
+Both are members of the one client family: the same response checking and
+error taxonomy (:class:`AntennaError` is ``antenna_client.AntennaError``;
+``status`` carries the HTTP status), and they identify themselves with
+:data:`ADMIN_USER_AGENT`, so the local API does not count their requests as
+the workers'.
 """
 
 from __future__ import annotations
@@ -14,19 +19,27 @@ from typing import Any, Sequence
 
 import httpx
 
+from antenna_flows import __version__
+from antenna_flows.antenna_client import (
+    AntennaClient,
+    AntennaError,
+    AuthError,
+    Rejected,
+    Unavailable,
+    auth_headers,
+    check_response,
+    transport_error,
+)
 from antenna_flows.lab.antenna.models import Job
 from antenna_flows.lab.antenna.demo_images import demo_image_urls
 
+__all__ = [
+    "ADMIN_USER_AGENT", "AntennaAdmin", "AntennaError", "AsyncAntennaAdmin", "AuthError", "Rejected", "Unavailable",
+    "base_url_of", "job_body",
+]
+
 API_SUFFIX = "/api/v2"
-
-
-class AntennaError(Exception):
-    """The API answered with an error status; ``body`` is its JSON (or text)."""
-
-    def __init__(self, status: int, body: Any, method: str, url: str):
-        super().__init__(f"{method} {url} -> {status}: {body}")
-        self.status = status
-        self.body = body
+ADMIN_USER_AGENT = f"antenna-flows-admin/{__version__}"  # the local API does not count these requests
 
 
 def base_url_of(api_url: str) -> str:
@@ -93,13 +106,12 @@ def _jobs_params(incomplete_only: bool, pipelines: Sequence[str] | None, limit: 
 
 
 def _checked(response: httpx.Response) -> Any:
+    """The answer's JSON, or the family's error for it."""
+    check_response(response, response.request.method, str(response.request.url))
     try:
-        body = response.json()
-    except ValueError:
-        body = response.text
-    if response.is_error:
-        raise AntennaError(response.status_code, body, response.request.method, str(response.request.url))
-    return body
+        return response.json()
+    except ValueError as exc:
+        raise Unavailable(f"{response.request.method} {response.request.url}: unreadable answer: {exc}") from exc
 
 
 class AntennaAdmin:
@@ -109,11 +121,18 @@ class AntennaAdmin:
         self.api_url = api_url.rstrip("/")
         self.base_url = base_url_of(self.api_url)
         self.client = httpx.Client(
-            base_url=self.api_url + "/", headers={"Authorization": f"Token {token}"}, timeout=timeout
+            base_url=self.api_url + "/", headers=auth_headers(token, ADMIN_USER_AGENT), timeout=timeout
         )
 
     def close(self) -> None:
         self.client.close()
+
+    def _call(self, method: str, path: str, **kwargs: Any) -> Any:
+        try:
+            response = self.client.request(method, path, **kwargs)
+        except httpx.HTTPError as exc:
+            raise transport_error(exc, method, f"{self.api_url}/{path}") from exc
+        return _checked(response)
 
     def __enter__(self) -> "AntennaAdmin":
         return self
@@ -124,22 +143,22 @@ class AntennaAdmin:
     def create_job(self, pipeline: str, images: int | Sequence[str] | Sequence[dict[str, Any]] = 10, **options: Any) -> Job:
         """Create (and by default start) a job; options as :func:`job_body`."""
         body = job_body(pipeline, images, base_url=self.base_url, **options)
-        return Job.model_validate(_checked(self.client.post("jobs/", json=body)))
+        return Job.model_validate(self._call("POST", "jobs/", json=body))
 
     def job(self, job_id: int) -> Job:
-        return Job.model_validate(_checked(self.client.get(f"jobs/{job_id}/")))
+        return Job.model_validate(self._call("GET", f"jobs/{job_id}/"))
 
     def jobs(
         self, *, incomplete_only: bool = False, pipelines: Sequence[str] | None = None, limit: int = 1000, offset: int = 0
     ) -> list[Job]:
-        page = _checked(self.client.get("jobs/", params=_jobs_params(incomplete_only, pipelines, limit, offset)))
+        page = self._call("GET", "jobs/", params=_jobs_params(incomplete_only, pipelines, limit, offset))
         return [Job.model_validate(row) for row in page["results"]]
 
     def run(self, job_id: int) -> Job:
-        return Job.model_validate(_checked(self.client.post(f"jobs/{job_id}/run/")))
+        return Job.model_validate(self._call("POST", f"jobs/{job_id}/run/"))
 
     def cancel(self, job_id: int) -> Job:
-        return Job.model_validate(_checked(self.client.post(f"jobs/{job_id}/cancel/")))
+        return Job.model_validate(self._call("POST", f"jobs/{job_id}/cancel/"))
 
     def wait_final(self, job_id: int, timeout: float = 60.0, poll_s: float = 0.1) -> Job:
         """Poll until the job is SUCCESS, FAILURE or REVOKED; TimeoutError with its last state otherwise."""
@@ -153,45 +172,47 @@ class AntennaAdmin:
             time.sleep(poll_s)
 
 
-class AsyncAntennaAdmin:
-    """The same on an event loop (``async with AsyncAntennaAdmin(url, token) as admin: ...``)."""
+class AsyncAntennaAdmin(AntennaClient):
+    """The same on an event loop (``async with AsyncAntennaAdmin(url, token) as admin: ...``): an
+    :class:`AntennaClient` (so ``list_jobs``, ``reserve_tasks``, ``post_results`` too) with admin calls."""
+
+    user_agent = ADMIN_USER_AGENT
 
     def __init__(self, api_url: str, token: str, timeout: float = 60.0):
-        self.api_url = api_url.rstrip("/")
-        self.base_url = base_url_of(self.api_url)
-        self.client = httpx.AsyncClient(
-            base_url=self.api_url + "/", headers={"Authorization": f"Token {token}"}, timeout=timeout
-        )
-
-    async def aclose(self) -> None:
-        await self.client.aclose()
+        super().__init__(api_url, token, timeout_s=timeout, worker_name="antenna-flows-admin")
+        self.api_url = self.base_url
+        self.client = self.http  # the name the sync admin uses
 
     async def __aenter__(self) -> "AsyncAntennaAdmin":
         return self
 
-    async def __aexit__(self, *exc: object) -> None:
-        await self.aclose()
+    async def _call(self, method: str, path: str, **kwargs: Any) -> Any:
+        try:
+            response = await self.http.request(method, path, **kwargs)
+        except httpx.HTTPError as exc:
+            raise transport_error(exc, method, f"{self.api_url}{path}") from exc
+        return _checked(response)
 
     async def create_job(
         self, pipeline: str, images: int | Sequence[str] | Sequence[dict[str, Any]] = 10, **options: Any
     ) -> Job:
-        body = job_body(pipeline, images, base_url=self.base_url, **options)
-        return Job.model_validate(_checked(await self.client.post("jobs/", json=body)))
+        body = job_body(pipeline, images, base_url=base_url_of(self.api_url), **options)
+        return Job.model_validate(await self._call("POST", "/jobs/", json=body))
 
     async def job(self, job_id: int) -> Job:
-        return Job.model_validate(_checked(await self.client.get(f"jobs/{job_id}/")))
+        return Job.model_validate(await self._call("GET", f"/jobs/{job_id}/"))
 
     async def jobs(
         self, *, incomplete_only: bool = False, pipelines: Sequence[str] | None = None, limit: int = 1000, offset: int = 0
     ) -> list[Job]:
-        page = _checked(await self.client.get("jobs/", params=_jobs_params(incomplete_only, pipelines, limit, offset)))
+        page = await self._call("GET", "/jobs/", params=_jobs_params(incomplete_only, pipelines, limit, offset))
         return [Job.model_validate(row) for row in page["results"]]
 
     async def run(self, job_id: int) -> Job:
-        return Job.model_validate(_checked(await self.client.post(f"jobs/{job_id}/run/")))
+        return Job.model_validate(await self._call("POST", f"/jobs/{job_id}/run/"))
 
     async def cancel(self, job_id: int) -> Job:
-        return Job.model_validate(_checked(await self.client.post(f"jobs/{job_id}/cancel/")))
+        return Job.model_validate(await self._call("POST", f"/jobs/{job_id}/cancel/"))
 
     async def wait_final(self, job_id: int, timeout: float = 60.0, poll_s: float = 0.1) -> Job:
         deadline = time.monotonic() + timeout

@@ -6,10 +6,17 @@ DRF's token auth (401 with ``WWW-Authenticate: Token``), DRF-shaped 400s
 (field error dicts, ``JSON parse error - ...``), ``{"detail": "Not found."}``,
 503 ``{"error": ...}`` while NATS is unreachable, and never FastAPI's 422.
 
+Results are saved in the background after the answer, and acked only after
+their save, as Antenna's Celery does (see :mod:`.jobplane`); docs/antenna-parity.md
+lists every point a worker can observe.
+
 Extensions Antenna lacks, for a local platform: ``POST /jobs/`` (create a job
 from image URLs, with a ``priority``), ``priority`` in job listings, a job
 object with progress and queue statistics, synthetic demo images under
-``/images/`` (no auth), and a fault switch (:meth:`LocalAntenna.fail_api`).
+``/images/`` (no auth), fault switches (:meth:`LocalAntenna.fail_api`,
+``fail_saves``, ``slow_saves``, ``slow_api``) and per-endpoint counts of the
+workers' requests (:meth:`LocalAntenna.request_counts`; the admin clients'
+own requests, sent with :data:`ADMIN_USER_AGENT`, are not counted).
 """
 
 from __future__ import annotations
@@ -27,8 +34,16 @@ from pydantic import BaseModel, Field, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from antenna_flows.lab.antenna.drf import NOT_FOUND, BadRequest, authenticate, field_errors, parse_json, validate
-from antenna_flows.lab.antenna.jobplane import JobPlane, NatsUnavailable
+from antenna_flows.lab.antenna.drf import (
+    AUTH_MISSING,
+    NOT_FOUND,
+    BadRequest,
+    authenticate,
+    field_errors,
+    parse_json,
+    validate,
+)
+from antenna_flows.lab.antenna.jobplane import SAVE_WORKERS, JobPlane, NatsUnavailable
 from antenna_flows.lab.antenna.models import Job, JobCreate
 from antenna_flows.lab.antenna.store import Store
 from antenna_flows.lab.antenna.demo_images import DemoImages, valid_size
@@ -52,6 +67,8 @@ HOUSEKEEPING_INTERVAL_S = 1.0
 HOUSEKEEPING_STOP_TIMEOUT_S = 5.0  # a round blocked on a NATS call gives up after its 5 s timeout
 MAX_BODY_BYTES = 32 * 1024 * 1024
 BODY_METHODS = ("POST", "PUT", "PATCH")
+ADMIN_USER_AGENT_PREFIX = "antenna-flows-admin"  # requests from the admin clients: not counted as the workers'
+REQUEST_CLASSES = ("jobs", "tasks", "result", "other")
 
 
 class LocalAntenna:
@@ -63,6 +80,9 @@ class LocalAntenna:
         self.max_body_bytes = max_body_bytes
         self.images = DemoImages()
         self._api_down_until = 0.0
+        self._slow_api_until = 0.0
+        self._slow_api_delay_s = 0.0
+        self._requests = dict.fromkeys(REQUEST_CLASSES, 0)
 
     @property
     def store(self) -> Store:
@@ -77,6 +97,50 @@ class LocalAntenna:
     def api_failing(self) -> bool:
         return time.monotonic() < self._api_down_until
 
+    def fail_saves(self, seconds: float, fraction: float = 1.0) -> None:
+        """For ``seconds``, ``fraction`` of background result saves fail (seeded): not stored, not acked."""
+        self.plane.fail_saves(seconds, fraction)
+
+    def slow_saves(self, seconds: float, delay_s: float) -> None:
+        """For ``seconds``, background saves, and so their acks, lag by ``delay_s``."""
+        self.plane.slow_saves(seconds, delay_s)
+
+    def slow_api(self, seconds: float, delay_s: float) -> None:
+        """For ``seconds``, every ``/api/v2`` answer is delayed by ``delay_s``."""
+        self._slow_api_until = time.monotonic() + seconds
+        self._slow_api_delay_s = max(delay_s, 0.0)
+        log.warning("fault: every API answer delayed by %.2fs for %.1fs", delay_s, seconds)
+
+    @property
+    def api_delay_s(self) -> float:
+        return self._slow_api_delay_s if time.monotonic() < self._slow_api_until else 0.0
+
+    def count_request(self, method: str, path: str, user_agent: str) -> None:
+        """Count a worker's request by endpoint class (admin clients' requests are not counted)."""
+        if user_agent.startswith(ADMIN_USER_AGENT_PREFIX):
+            return
+        self._requests[request_class(method, path)] += 1
+
+    def request_counts(self) -> dict[str, int]:
+        """Requests the workers made to ``/api/v2``: ``{"jobs", "tasks", "result", "other"}``."""
+        return dict(self._requests)
+
+    def reset_request_counts(self) -> None:
+        self._requests = dict.fromkeys(REQUEST_CLASSES, 0)
+
+
+def request_class(method: str, path: str) -> str:
+    """``jobs`` (GET /jobs/), ``tasks`` (POST /jobs/{id}/tasks/), ``result`` (POST /jobs/{id}/result/) or ``other``."""
+    parts = [p for p in path[len(API_PREFIX):].split("/") if p]
+    if method == "GET" and parts == ["jobs"]:
+        return "jobs"
+    if method == "POST" and len(parts) == 3 and parts[0] == "jobs" and parts[1].isdigit():
+        if parts[2] == "tasks":
+            return "tasks"
+        if parts[2] == "result":
+            return "result"
+    return "other"
+
 
 def create_app(
     store: Store,
@@ -86,17 +150,28 @@ def create_app(
     queue_config: QueueConfig | None = None,
     max_body_bytes: int = MAX_BODY_BYTES,
     housekeeping_interval_s: float = HOUSEKEEPING_INTERVAL_S,
+    save_workers: int = SAVE_WORKERS,
+    reap_dead_letters: bool = False,
+    seed: int = 0,
 ) -> FastAPI:
-    """The app; it connects to NATS (and starts housekeeping) when its lifespan starts."""
-    antenna = LocalAntenna(JobPlane(store, nats_url, queue_config), token, max_body_bytes)
+    """The app; it connects to NATS and starts its save workers and housekeeping when its lifespan starts.
+
+    ``reap_dead_letters``: turn tasks that exhausted ``max_deliver`` into error
+    results marked ``dead_lettered`` (off, as in Antenna, where only a
+    management command or the stale-job reaper does that later).
+    """
+    plane = JobPlane(store, nats_url, queue_config, save_workers=save_workers, reap_dead_letters=reap_dead_letters, seed=seed)
+    antenna = LocalAntenna(plane, token, max_body_bytes)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await antenna.plane.connect()
+        antenna.plane.start_savers()
         housekeeping = asyncio.create_task(antenna.plane.housekeeping(housekeeping_interval_s))
         try:
             yield
         finally:
+            await antenna.plane.stop_savers()
             antenna.plane.stop_housekeeping()
             await asyncio.wait({housekeeping}, timeout=HOUSEKEEPING_STOP_TIMEOUT_S)
             housekeeping.cancel()
@@ -105,6 +180,7 @@ def create_app(
     app = FastAPI(title="antenna-flows local Antenna", lifespan=lifespan)
     app.state.antenna = antenna
     app.add_middleware(_Guard, antenna=antenna)
+    app.include_router(public, prefix=API_PREFIX)
     app.include_router(api, prefix=API_PREFIX)
     app.include_router(images)
     app.add_exception_handler(BadRequest, _bad_request)
@@ -132,6 +208,12 @@ class _Guard:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        if scope["path"].startswith(API_PREFIX):
+            user_agent = dict(scope["headers"]).get(b"user-agent", b"").decode("latin-1")
+            self.antenna.count_request(scope["method"], scope["path"], user_agent)
+            delay = self.antenna.api_delay_s
+            if delay:
+                await asyncio.sleep(delay)
         if scope["path"].startswith(API_PREFIX) and self.antenna.api_failing:
             response = JSONResponse({"detail": "Service temporarily unavailable (injected fault)."}, 503)
             return await response(scope, receive, send)
@@ -183,6 +265,13 @@ def _authenticated(request: Request) -> None:
         raise HTTPException(401, problem, headers={"WWW-Authenticate": "Token"})
 
 
+def _anonymous_or_authenticated(request: Request) -> None:
+    """DRF's AllowAny read: no credentials is fine, but a Token header that is wrong is still a 401."""
+    problem = authenticate(request.headers.get("authorization"), _antenna(request).token)
+    if problem and problem != AUTH_MISSING:
+        raise HTTPException(401, problem, headers={"WWW-Authenticate": "Token"})
+
+
 async def _body(request: Request, model: type[BaseModel]) -> Any:
     """The JSON body validated against ``model`` (DRF's 415, 400 and parse errors)."""
     media_type = request.headers.get("content-type", "").split(";")[0].strip()
@@ -230,9 +319,10 @@ def _http_error(request: Request, exc: Exception) -> JSONResponse:
 # --- /api/v2 ------------------------------------------------------------------------------
 
 api = APIRouter(dependencies=[Depends(_authenticated)])
+public = APIRouter(dependencies=[Depends(_anonymous_or_authenticated)])  # Antenna serves GET /jobs/ anonymously
 
 
-@api.get("/jobs/")
+@public.get("/jobs/")
 async def list_jobs(request: Request) -> dict[str, Any]:
     """Antenna's job list; with ``ids_only`` random order and ``limit=1`` by default (Antenna PR #1261)."""
     q = request.query_params
@@ -297,9 +387,10 @@ async def cancel_job(request: Request, job_id: int) -> dict[str, Any]:
 
 @api.post("/jobs/{job_id:int}/tasks/")
 async def reserve_tasks(request: Request, job_id: int) -> dict[str, Any]:
+    """Antenna's order: the body is validated (400) before the job is looked up (404)."""
     antenna = _antenna(request)
-    job = _job_or_404(antenna, job_id)
     body: TasksRequest = await _body(request, TasksRequest)
+    job = _job_or_404(antenna, job_id)
     tasks = await antenna.plane.reserve(job, body.batch_size)
     return TasksResponse(tasks=tasks).model_dump(mode="json")
 
@@ -316,7 +407,8 @@ class _ResultsBody(BaseModel):
 
 @api.post("/jobs/{job_id:int}/result/")
 async def post_results(request: Request, job_id: int) -> dict[str, Any]:
-    """Validate every result (all or nothing), save each, then ack it."""
+    """Antenna's order: the job (404), then every result (400, all or nothing); then each is queued for a
+    background save, which acks it after saving. Any ``reply_subject`` string is accepted."""
     antenna = _antenna(request)
     job = _job_or_404(antenna, job_id)
     body: _ResultsBody = await _body(request, _ResultsBody)
@@ -344,16 +436,23 @@ def _task_results(body: _ResultsBody) -> list[TaskResult]:
     return out
 
 
-@api.post("/projects/{project_id:int}/pipelines/")
+@api.post("/projects/{project_id:int}/pipelines/", status_code=201)
 async def register_pipelines(request: Request, project_id: int) -> dict[str, Any]:
-    """A processing service announces the pipelines it serves (upserted per project and slug)."""
+    """A processing service announces its pipelines and their algorithms (201, Antenna's answer shape)."""
     body: PipelineRegistrationRequest = await _body(request, PipelineRegistrationRequest)
-    created, updated, service_id = _antenna(request).store.register_pipelines(
+    outcome = _antenna(request).store.register(
         project_id, body.processing_service_name, [p.model_dump(mode="json") for p in body.pipelines]
     )
-    log.info("project %s: %s registered pipelines %s", project_id, body.processing_service_name, created + updated)
+    log.info(
+        "project %s: %s registered pipelines %s (%d algorithms created)",
+        project_id, body.processing_service_name, outcome.pipelines_created + outcome.pipelines_updated,
+        len(outcome.algorithms_created),
+    )
     return PipelineRegistrationResponse(
-        pipelines_created=created, pipelines_updated=updated, processing_service_id=service_id
+        success=True,
+        pipelines=body.pipelines,
+        pipelines_created=outcome.pipelines_created,
+        algorithms_created=outcome.algorithms_created,
     ).model_dump(mode="json")
 
 

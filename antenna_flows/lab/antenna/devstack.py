@@ -28,6 +28,7 @@ import uvicorn
 
 from antenna_flows.lab.antenna.admin import AntennaAdmin
 from antenna_flows.lab.antenna.app import HOUSEKEEPING_INTERVAL_S, LocalAntenna, create_app
+from antenna_flows.lab.antenna.jobplane import SAVE_WORKERS
 from antenna_flows.lab.antenna.models import Job
 from antenna_flows.lab.antenna.store import Store
 from antenna_flows.jetstream import QueueConfig
@@ -38,6 +39,9 @@ log = logging.getLogger(__name__)
 
 START_TIMEOUT_S = 15.0
 DB_NAME = "antenna.sqlite3"
+DEFAULT_REGISTER_KINDS = ("sim", "ami")
+DEFAULT_PROJECT_ID = 1
+PREREGISTERED_SERVICE = "antenna-flows devstack ({kind}, pre-registered)"
 
 
 class DevStack:
@@ -58,7 +62,18 @@ class DevStack:
         nats_url: str | None = None,
         nats_port: int = 0,
         housekeeping_interval_s: float = HOUSEKEEPING_INTERVAL_S,
+        register_kinds: Sequence[str] = DEFAULT_REGISTER_KINDS,
+        register_projects: Sequence[int] = (DEFAULT_PROJECT_ID,),
+        reap_dead_letters: bool = False,
+        save_workers: int = SAVE_WORKERS,
+        seed: int = 0,
     ):
+        """``register_kinds``: model kinds whose algorithms are registered for every registry pipeline
+        in ``register_projects`` when the stack starts (what an operator's ``antenna-flows register``
+        does before starting workers; a result naming an unregistered algorithm is refused at save
+        time and never acked). ``reap_dead_letters``: turn tasks that exhausted max_deliver into error
+        results marked ``dead_lettered`` (off, as in Antenna; the bench and the demo turn it on).
+        ``save_workers``: concurrent background result saves; ``seed``: the save-fault RNG."""
         self.queue_settings = queue or QueueSettings()
         self._temp_dir: Path | None = None
         if api is None:
@@ -68,6 +83,11 @@ class DevStack:
         self._external_nats = nats_url or self.queue_settings.nats_url
         self._nats_port = nats_port
         self._housekeeping_interval_s = housekeeping_interval_s
+        self.register_kinds = tuple(register_kinds)
+        self.register_projects = tuple(register_projects)
+        self.reap_dead_letters = reap_dead_letters
+        self.save_workers = save_workers
+        self.seed = seed
         self.nats: EmbeddedNats | None = None
         self._store: Store | None = None
         self._server: uvicorn.Server | None = None
@@ -139,12 +159,22 @@ class DevStack:
             self._start_nats()
             db_path = self.api_settings.api_db_path or self.data_dir / DB_NAME
             self._store = Store(db_path)
+            self._preregister()
             self._start_api()
         except BaseException:
             self.stop()
             raise
         log.info("devstack up: API %s, NATS %s, database %s", self.api_url, self.nats_url, self._store.path)
         return self
+
+    def _preregister(self) -> None:
+        """Register ``register_kinds``' algorithms for every registry pipeline (names and keys only)."""
+        from antenna_flows.registration import declared_pipelines
+
+        for kind in self.register_kinds:
+            configs = [c.model_dump(mode="json") for c in declared_pipelines(kind, category_maps=False)]  # type: ignore[arg-type]
+            for project_id in self.register_projects:
+                self.store.register(project_id, PREREGISTERED_SERVICE.format(kind=kind), configs)
 
     def _start_nats(self) -> None:
         if self._external_nats:
@@ -160,6 +190,9 @@ class DevStack:
             queue_config=self.queue_config,
             max_body_bytes=self.api_settings.api_max_body_bytes,
             housekeeping_interval_s=self._housekeeping_interval_s,
+            save_workers=self.save_workers,
+            reap_dead_letters=self.reap_dead_letters,
+            seed=self.seed,
         )
         self._app_state = app.state.antenna
         # proto=IPPROTO_TCP, or asyncio does not set TCP_NODELAY on accepted connections
@@ -239,6 +272,40 @@ class DevStack:
     def fail_api(self, seconds: float) -> None:
         """Every ``/api/v2`` endpoint answers 503 for ``seconds``."""
         self.antenna.fail_api(seconds)
+
+    def fail_saves(self, seconds: float, fraction: float = 1.0) -> None:
+        """For ``seconds``, ``fraction`` of background result saves fail (seeded): not stored, not acked,
+        so NATS redelivers the task after ack_wait (the bench's ``save_errors``)."""
+        self.antenna.fail_saves(seconds, fraction)
+
+    def slow_saves(self, seconds: float, delay_s: float) -> None:
+        """For ``seconds``, background saves, and so their acks, lag by ``delay_s`` (a backlogged Celery)."""
+        self.antenna.slow_saves(seconds, delay_s)
+
+    def slow_api(self, seconds: float, delay_s: float) -> None:
+        """For ``seconds``, every ``/api/v2`` answer is delayed by ``delay_s``."""
+        self.antenna.slow_api(seconds, delay_s)
+
+    # --- observations ----------------------------------------------------------------------
+
+    def request_counts(self) -> dict[str, int]:
+        """The workers' requests so far: ``{"jobs", "tasks", "result", "other"}`` (admin requests excluded)."""
+        return self.antenna.request_counts()
+
+    def reset_request_counts(self) -> None:
+        self.antenna.reset_request_counts()
+
+    def dead_lettered(self, job_id: int) -> int:
+        """Images of the job answered only by the dead-letter reaper (``reap_dead_letters``)."""
+        return self.store.dead_lettered(job_id)
+
+    def wait_saved(self, timeout: float = 10.0) -> None:
+        """Block until every result the API accepted has been saved (or its save failed)."""
+        deadline = time.monotonic() + timeout
+        while self.antenna.plane.saves_pending:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{self.antenna.plane.saves_pending} result saves pending after {timeout}s")
+            time.sleep(0.005)
 
     # --- jobs ---------------------------------------------------------------------------------
 

@@ -23,9 +23,10 @@ _TYPE_NAMES = {list: "list", dict: "dict", str: "str", int: "int", float: "float
 
 
 class BadRequest(Exception):
-    """A 400 answer; ``body`` is the DRF-shaped payload."""
+    """A 400 answer; ``body`` is the DRF-shaped payload (a dict of field errors, or a
+    list for a bare ``ValidationError("...")``)."""
 
-    def __init__(self, body: dict[str, Any]):
+    def __init__(self, body: dict[str, Any] | list[Any]):
         super().__init__(body)
         self.body = body
 

@@ -4,16 +4,25 @@ One :class:`JobPlane` per API process owns the store, one NATS connection
 (reconnecting forever, so a NATS restart is an outage, not an error) and the
 job lifecycle:
 
-- create: rows first, then stream, consumer, dead-letter consumer and one
-  task per image (``id == image_id``), then STARTED;
+- create: rows first (CREATED, PENDING), then stream, consumer, dead-letter
+  consumer and one task per image (``id == image_id``, ``reply_subject``
+  null), then STARTED;
 - reserve: one JetStream fetch of up to ``batch_size`` (0.5 s), as Antenna;
-- results: all-or-nothing validation, then save, then ``+ACK`` (Antenna acks
-  only after the save, so a lost save is redelivered, never lost);
+- results: all-or-nothing validation, then each result is queued for a
+  background save (``save_workers`` asyncio tasks, Antenna's Celery workers)
+  and the request answers ``queued`` at once. A save attributes the result by
+  its image id, checks its algorithm keys against the pipeline's registered
+  algorithms, stores it and only then publishes ``+ACK`` to its reply subject;
+  a failed save is not acked, so NATS redelivers it after ack_wait;
 - finish (complete or cancelled): snapshot the consumer's statistics, then
   delete consumer, stream and dead-letter consumer, as Antenna does;
-- housekeeping every second: dead letters become error results (how a task
-  that exhausted ``max_deliver`` ends deliberately), statistics are sampled,
-  and cleanups that failed (NATS down) are retried.
+- housekeeping every second: statistics are sampled, cleanups that failed
+  (NATS down) are retried, and, only with ``reap_dead_letters`` (off by
+  default, like Antenna's management command), dead letters become error
+  results marked ``dead_lettered``.
+
+Fault controls for the bench: :meth:`JobPlane.fail_saves` and
+:meth:`JobPlane.slow_saves`.
 """
 
 from __future__ import annotations
@@ -21,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import random
 import time
 import uuid
 from dataclasses import dataclass
@@ -30,7 +40,7 @@ import nats.errors
 from nats.aio.msg import Msg
 from nats.js.errors import APIError
 
-from antenna_flows.lab.antenna.drf import BadRequest, add_error
+from antenna_flows.lab.antenna.drf import BadRequest
 from antenna_flows.lab.antenna.models import CREATED, Job, JobCreate
 from antenna_flows.lab.antenna.store import Conflict, ImageRecord, NewResult, Store
 from antenna_flows.lab.antenna.streams import JobStreams
@@ -46,6 +56,7 @@ from antenna_flows.jetstream import (
 from antenna_flows.schemas import (
     PipelineProcessingTask,
     PipelineResultsError,
+    PipelineResultsResponse,
     QueuedTask,
     ResultsResponse,
     TaskResult,
@@ -55,6 +66,7 @@ log = logging.getLogger(__name__)
 
 FETCH_TIMEOUT_S = 0.5  # Antenna's /tasks fetch
 NATS_CONNECT_TIMEOUT_S = 5.0
+SAVE_WORKERS = 2  # Antenna's Celery result-saving concurrency, scaled to a laptop
 NATS_DOWN_ERRORS = (
     nats.errors.ConnectionClosedError,
     nats.errors.ConnectionReconnectingError,
@@ -71,25 +83,95 @@ class NatsUnavailable(Exception):
     """NATS cannot be reached now: the API answers 503 and changes nothing."""
 
 
-@dataclass(frozen=True)
-class Attributed:
-    """A result tied to its job's image through the stream sequence in its reply subject."""
+class SaveFailed(Exception):
+    """A background save that did not happen (unknown algorithm, unknown image, injected fault): not acked."""
 
+
+@dataclass(frozen=True)
+class QueuedSave:
+    """One result waiting for a save worker: which job, the subject to ack after the save, the result."""
+
+    job_id: int
     reply_subject: str
-    image_id: str
-    num_delivered: int
     result: Any
+    task_id: str
+    queued_at: float
 
 
 class JobPlane:
-    def __init__(self, store: Store, nats_url: str, queue_config: QueueConfig | None = None):
+    def __init__(
+        self,
+        store: Store,
+        nats_url: str,
+        queue_config: QueueConfig | None = None,
+        *,
+        save_workers: int = SAVE_WORKERS,
+        reap_dead_letters: bool = False,
+        seed: int = 0,
+    ):
         self.store = store
         self.nats_url = nats_url
         self.queue_config = queue_config or QueueConfig()
         self.queue: JobStreams | None = None
+        self.save_workers = max(1, save_workers)
+        self.reap_dead_letters = reap_dead_letters
         self._finishing: set[int] = set()
         self._gone_reported: set[int] = set()
+        self._refusals_logged: set[tuple[int, str]] = set()
         self._stopping = asyncio.Event()
+        self._saves: asyncio.Queue[QueuedSave] | None = None
+        self._saving = 0  # saves taken off the queue and not yet done
+        self._savers: list[asyncio.Task[None]] = []
+        self._rng = random.Random(seed)
+        self._fail_saves_until = 0.0
+        self._fail_saves_fraction = 0.0
+        self._slow_saves_until = 0.0
+        self._slow_saves_delay_s = 0.0
+        self.saves_done = 0
+        self.saves_failed = 0
+
+    # --- fault controls (the bench's save_errors and slow_saves) -----------------------------
+
+    def fail_saves(self, seconds: float, fraction: float = 1.0) -> None:
+        """For ``seconds``, that ``fraction`` of background saves fail (seeded RNG): nothing stored, no ack."""
+        self._fail_saves_until = time.monotonic() + seconds
+        self._fail_saves_fraction = min(max(fraction, 0.0), 1.0)
+        log.warning("fault: %.0f%% of result saves fail for %.1fs", 100 * self._fail_saves_fraction, seconds)
+
+    def slow_saves(self, seconds: float, delay_s: float) -> None:
+        """For ``seconds``, each background save (and so its ack) starts ``delay_s`` late (a backlogged Celery)."""
+        self._slow_saves_until = time.monotonic() + seconds
+        self._slow_saves_delay_s = max(delay_s, 0.0)
+        log.warning("fault: result saves lag by %.2fs for %.1fs", delay_s, seconds)
+
+    @property
+    def saves_pending(self) -> int:
+        """Results accepted and not yet saved (or failed)."""
+        return (self._saves.qsize() if self._saves is not None else 0) + self._saving
+
+    async def wait_saved(self, timeout: float = 10.0) -> None:
+        """Until every accepted result has been saved or has failed (tests and the bench)."""
+        deadline = time.monotonic() + timeout
+        while self.saves_pending:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{self.saves_pending} result saves still pending after {timeout}s")
+            await asyncio.sleep(0.01)
+
+    def start_savers(self) -> None:
+        """Start the save workers on the running loop (the app's lifespan)."""
+        self._saves = asyncio.Queue()
+        self._savers = [asyncio.create_task(self._save_worker(i), name=f"save-worker-{i}") for i in range(self.save_workers)]
+
+    async def stop_savers(self, timeout: float = 2.0) -> None:
+        """Finish what is queued (up to ``timeout``), then stop; unsaved results stay unacked (NATS redelivers)."""
+        try:
+            await self.wait_saved(timeout)
+        except TimeoutError as exc:
+            log.warning("stopping with unsaved results: %s", exc)
+        for task in self._savers:
+            task.cancel()
+        await asyncio.gather(*self._savers, return_exceptions=True)
+        self._savers = []
 
     async def connect(self) -> None:
         """Connect once NATS answers (within NATS_CONNECT_TIMEOUT_S); from then on reconnect forever."""
@@ -136,6 +218,7 @@ class JobPlane:
         log.info("job %s created: %d images, pipeline %s, priority %s", job.id, job.total, job.pipeline_slug, job.priority)
         if not request.start:
             return job
+        self.store.mark_pending(job.id)
         try:
             return await self._start(job, rows)
         except NatsUnavailable:
@@ -146,6 +229,7 @@ class JobPlane:
         """Start a CREATED job (Antenna's ``/jobs/{id}/run/``); any other state is left as is."""
         if job.status != CREATED:
             return job
+        self.store.mark_pending(job.id)
         return await self._start(job, self.store.images(job.id))
 
     async def _start(self, job: Job, images: list[ImageRecord]) -> Job:
@@ -227,7 +311,7 @@ class JobPlane:
     async def reserve(self, job: Job, batch_size: int) -> list[PipelineProcessingTask]:
         """Antenna's ``/tasks``: one fetch of up to ``batch_size`` tasks, each with its reply subject."""
         if job.dispatch_mode != "async_api":
-            raise BadRequest({"detail": f"Job {job.id} is not an async_api job (dispatch_mode {job.dispatch_mode})."})
+            raise BadRequest(["Only async_api jobs have fetchable tasks"])
         if not job.active:
             return []
         queue = self._queue()
@@ -274,60 +358,126 @@ class JobPlane:
 
     # --- results -----------------------------------------------------------------------------
 
-    def attribute(self, job: Job, results: list[TaskResult]) -> list[Attributed]:
-        """Tie each result to an image of this job by its reply subject; BadRequest naming every bad one."""
-        parsed = [parse_ack_subject(r.reply_subject) for r in results]
-        known = self.store.images_by_seq(job.id, [p.stream_seq for p in parsed if p is not None])
-        errors: dict[str, Any] = {}
-        out = []
-        for i, (result, ack) in enumerate(zip(results, parsed)):
-            problem = None
-            if ack is None:
-                problem = "Not a JetStream ack subject."
-            elif ack.stream != stream_name(job.id) or ack.consumer != consumer_name(job.id):
-                problem = f"Not an ack subject of job {job.id}'s consumer {consumer_name(job.id)}."
-            elif ack.stream_seq not in known:
-                problem = f"Job {job.id} has no task at stream sequence {ack.stream_seq}."
-            if problem:
-                add_error(errors, ("results", i, "reply_subject"), problem)
-            else:
-                out.append(Attributed(result.reply_subject, known[ack.stream_seq], ack.num_delivered, result.result))
-        if errors:
-            errors["results"] += [{}] * (len(results) - len(errors["results"]))
-            raise BadRequest(errors)
-        return out
-
     async def accept_results(self, job: Job, results: list[TaskResult]) -> ResultsResponse:
-        """Validate all, then save each result and ack it (save first, as Antenna); finish a completed job."""
-        attributed = self.attribute(job, results)
-        queue = self._queue()
+        """Antenna's ``/result``: queue each (already validated) result for a background save and answer at once.
+
+        Nothing is saved or acked here: a save worker does both, later. Any
+        ``reply_subject`` string is accepted; it is only where the ``+ACK``
+        goes after the save.
+        """
+        if self._saves is None:
+            raise NatsUnavailable("the result queue is not running")
+        now = time.monotonic()
+        queued = [QueuedSave(job.id, r.reply_subject, r.result, uuid.uuid4().hex, now) for r in results]
+        for item in queued:
+            self._saves.put_nowait(item)
+        return ResultsResponse(
+            job_id=job.id,
+            results_queued=len(queued),
+            tasks=[QueuedTask(reply_subject=q.reply_subject, task_id=q.task_id) for q in queued],
+        )
+
+    async def _save_worker(self, index: int) -> None:
+        assert self._saves is not None
+        while True:
+            item = await self._saves.get()
+            self._saving += 1
+            try:
+                await self._save_one(item)
+            except SaveFailed as exc:
+                self.saves_failed += 1
+                log.log(exc.args[1] if len(exc.args) > 1 else logging.WARNING,
+                        "job %s: save of task %s failed, not acked (NATS redelivers): %s",
+                        item.job_id, item.task_id, exc.args[0])
+            except Exception:  # noqa: BLE001 - a save worker outlives any one bad save, as a Celery worker does
+                self.saves_failed += 1
+                log.exception("job %s: save of task %s crashed; not acked", item.job_id, item.task_id)
+            else:
+                self.saves_done += 1
+            finally:
+                self._saving -= 1
+                self._saves.task_done()
+
+    async def _save_one(self, item: QueuedSave) -> None:
+        """Antenna's ``process_nats_pipeline_result``: save, then ack; any failure leaves the message unacked."""
+        now = time.monotonic()
+        if now < self._slow_saves_until and self._slow_saves_delay_s > 0:
+            await asyncio.sleep(self._slow_saves_delay_s)
+        if time.monotonic() < self._fail_saves_until and self._rng.random() < self._fail_saves_fraction:
+            raise SaveFailed("injected save fault", logging.INFO)
+        job = self.store.job(item.job_id)
+        if job is None:
+            raise SaveFailed(f"job {item.job_id} does not exist")
+        image_id = self._image_of(job, item)
+        if isinstance(item.result, PipelineResultsResponse):
+            self._check_algorithms(job, item.result)
         outcome = self.store.save_results(
             job.id,
             [
                 NewResult(
-                    image_id=a.image_id,
-                    kind="error" if isinstance(a.result, PipelineResultsError) else "ok",
-                    payload=a.result.model_dump_json(),
-                    num_delivered=a.num_delivered,
+                    image_id=image_id,
+                    kind="error" if isinstance(item.result, PipelineResultsError) else "ok",
+                    payload=item.result.model_dump_json(),
+                    num_delivered=_num_delivered(item.reply_subject),
                 )
-                for a in attributed
             ],
         )
-        for a in attributed:
-            try:
-                await queue.ack(a.reply_subject)
-            except NATS_DOWN_ERRORS as exc:  # saved but not acked: NATS redelivers, the save dedupes
-                log.warning("job %s: ack of image %s failed (%r); it will be redelivered", job.id, a.image_id, exc)
         if outcome.duplicates:
-            dupes = [a.image_id for a, s in zip(attributed, outcome.stored) if not s]
-            log.info("job %s: %d duplicate results (images %s)", job.id, len(dupes), ", ".join(dupes[:10]))
+            log.info("job %s: duplicate result for image %s", job.id, image_id)
+        try:
+            if self.queue is None:
+                raise NatsUnavailable("not connected")
+            await self.queue.ack(item.reply_subject)
+        except (NatsUnavailable, *NATS_DOWN_ERRORS) as exc:  # saved, not acked: redelivered, and the save dedupes
+            log.warning("job %s: ack of image %s failed (%r); it will be redelivered", job.id, image_id, exc)
         if outcome.completed:
             await self.finish(job.id)
-        return ResultsResponse(
-            job_id=job.id,
-            results_queued=len(attributed),
-            tasks=[QueuedTask(reply_subject=a.reply_subject, task_id=uuid.uuid4().hex) for a in attributed],
-        )
+
+    def _image_of(self, job: Job, item: QueuedSave) -> str:
+        """The job's image this result is for: ``source_images[].id`` or ``error.image_id``, as Antenna.
+
+        Our extension: a result naming no image of the job (an error for a
+        malformed task, whose image id is blank) is attributed by the stream
+        sequence in its reply subject when that is one of the job's ack
+        subjects. Otherwise the save fails (not acked).
+        """
+        result = item.result
+        if isinstance(result, PipelineResultsError):
+            candidates = [result.image_id] if result.image_id else []
+        else:
+            candidates = [s.id for s in result.source_images] + [d.source_image_id for d in result.detections]
+        known = self.store.image_ids(job.id, candidates)
+        for candidate in candidates:
+            if candidate in known:
+                return candidate
+        ack = parse_ack_subject(item.reply_subject)
+        if ack is not None and ack.stream == stream_name(job.id) and ack.consumer == consumer_name(job.id):
+            by_seq = self.store.images_by_seq(job.id, [ack.stream_seq])
+            if ack.stream_seq in by_seq:
+                return by_seq[ack.stream_seq]
+        raise SaveFailed(f"the result names no image of job {job.id} (image ids {candidates[:5]})")
+
+    def _check_algorithms(self, job: Job, result: PipelineResultsResponse) -> None:
+        """Antenna's ``PipelineNotConfigured``: every algorithm key must be registered for the job's pipeline."""
+        known = self.store.algorithm_keys(job.project_id, job.pipeline_slug)
+        for detection in result.detections:
+            problem = None
+            if detection.algorithm.key not in known:
+                problem = f"Detection algorithm {detection.algorithm.key} is not a known algorithm."
+            else:
+                for classification in detection.classifications:
+                    if classification.algorithm.key not in known:
+                        problem = f"Classification algorithm {classification.algorithm.key} is not a known algorithm."
+                        break
+            if problem:
+                message = (
+                    f"PipelineNotConfigured: {problem} The processing service must declare it in the /info "
+                    f"endpoint. Known algorithms for pipeline {job.pipeline_slug!r} of project {job.project_id}: "
+                    f"{sorted(known)}"
+                )
+                first = (job.id, problem) not in self._refusals_logged
+                self._refusals_logged.add((job.id, problem))
+                raise SaveFailed(message, logging.WARNING if first else logging.DEBUG)
 
     # --- housekeeping ----------------------------------------------------------------------
 
@@ -353,17 +503,18 @@ class JobPlane:
         self._stopping.set()
 
     async def housekeep(self) -> None:
-        """One round: dead letters to error results, statistics samples, retried cleanups."""
+        """One round: statistics samples, retried cleanups, and (``reap_dead_letters``) dead letters to error results."""
         if not self.nats_connected:
             return
         queue = self.queue
         assert queue is not None
         for job_id in self.store.active_job_ids():
             try:
-                seqs = await queue.dead_letters(job_id)
-                if seqs and self._dead_letters(job_id, seqs):
-                    await self.finish(job_id)
-                    continue
+                if self.reap_dead_letters:
+                    seqs = await queue.dead_letters(job_id)
+                    if seqs and self._dead_letters(job_id, seqs):
+                        await self.finish(job_id)
+                        continue
                 self.store.set_stats(job_id, await queue.stats(job_id))
                 self._gone_reported.discard(job_id)
             except StreamGone:
@@ -392,6 +543,11 @@ class JobPlane:
         if new:
             log.warning("job %s: %d images exceeded max_deliver without a result: %s", job_id, len(new), ", ".join(new[:10]))
         return outcome.completed
+
+
+def _num_delivered(reply_subject: str) -> int | None:
+    ack = parse_ack_subject(reply_subject)
+    return ack.num_delivered if ack is not None else None
 
 
 def _text(value: object) -> str:

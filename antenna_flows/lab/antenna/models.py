@@ -16,11 +16,13 @@ SLUG_PATTERN = r"^[-a-zA-Z0-9_]+$"  # Django's slug validator
 
 # Antenna's job states (Celery's names) and dispatch modes
 CREATED = "CREATED"
+PENDING = "PENDING"
 STARTED = "STARTED"
 RETRY = "RETRY"
 SUCCESS = "SUCCESS"
 FAILURE = "FAILURE"
 REVOKED = "REVOKED"
+CANCELING = "CANCELING"
 ACTIVE_STATES = (STARTED, RETRY)
 FINAL_STATES = (SUCCESS, FAILURE, REVOKED)
 
@@ -35,6 +37,10 @@ class Job(BaseModel):
     the snapshot taken just before the job's stream is deleted. ``redelivered``
     is NATS's ``num_redelivered`` (unacked redelivered messages);
     ``redeliveries`` is cumulative (deliveries beyond each message's first).
+    ``dead_lettered`` counts the error results the dead-letter reaper made
+    (work never done), apart from a worker's deliberate errors.
+    States: CREATED, PENDING (queued), STARTED, then SUCCESS or FAILURE (more
+    than half the images failed), or CANCELING and REVOKED.
     Times are unix seconds.
     """
 
@@ -59,6 +65,7 @@ class Job(BaseModel):
     results: int = 0
     errors: int = 0
     duplicates: int = 0
+    dead_lettered: int = 0  # of ``errors``: images answered only by the dead-letter reaper
     messages: int = 0
     pending: int = 0
     ack_pending: int = 0

@@ -12,7 +12,13 @@ NATS:
 - progress counters only ever grow, and a job leaves an active state once;
 - a job whose every image has a result or an error result becomes SUCCESS in
   the same transaction as that last result (so exactly one caller sees the
-  transition and cleans up the job's NATS resources).
+  transition and cleans up the job's NATS resources), or FAILURE when more
+  than half its images failed (Antenna's ``FAILURE_THRESHOLD``);
+- a cancelled job is CANCELING until its NATS resources are gone, then REVOKED;
+- an error result made by the dead-letter reaper is marked ``dead_lettered``
+  (work never done, counted apart from a worker's deliberate error results);
+- pipeline registrations add algorithms (a union per project and slug), and
+  results are checked against them at save time (:meth:`Store.algorithm_keys`).
 """
 
 from __future__ import annotations
@@ -25,7 +31,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Literal, Sequence
 
-from antenna_flows.lab.antenna.models import ACTIVE_STATES, CREATED, FINAL_STATES, REVOKED, STARTED, SUCCESS, Job
+from antenna_flows.lab.antenna.models import (
+    ACTIVE_STATES,
+    CANCELING,
+    CREATED,
+    FAILURE,
+    FINAL_STATES,
+    PENDING,
+    REVOKED,
+    STARTED,
+    SUCCESS,
+    Job,
+)
 from antenna_flows.jetstream import ConsumerStats
 
 ResultKind = Literal["ok", "error"]
@@ -51,6 +68,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     results INTEGER NOT NULL DEFAULT 0,
     errors INTEGER NOT NULL DEFAULT 0,
     duplicates INTEGER NOT NULL DEFAULT 0,
+    dead_lettered INTEGER NOT NULL DEFAULT 0,
     -- consumer stats: sampled while active, snapshot taken before NATS cleanup
     messages INTEGER NOT NULL DEFAULT 0,
     pending INTEGER NOT NULL DEFAULT 0,
@@ -80,6 +98,7 @@ CREATE TABLE IF NOT EXISTS results (
     num_delivered INTEGER,
     duplicates INTEGER NOT NULL DEFAULT 0,
     last_at REAL NOT NULL,
+    dead_lettered INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (job_id, image_id)
 );
 CREATE TABLE IF NOT EXISTS processing_services (
@@ -99,11 +118,25 @@ CREATE TABLE IF NOT EXISTS pipelines (
     registered_at REAL NOT NULL,
     PRIMARY KEY (project_id, slug)
 );
+CREATE TABLE IF NOT EXISTS algorithms (
+    key TEXT PRIMARY KEY,
+    name TEXT NOT NULL,
+    created_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS pipeline_algorithms (
+    project_id INTEGER NOT NULL,
+    slug TEXT NOT NULL,
+    key TEXT NOT NULL,
+    PRIMARY KEY (project_id, slug, key)
+);
 CREATE TABLE IF NOT EXISTS counters (
     name TEXT PRIMARY KEY,
     value INTEGER NOT NULL
 );
 """
+
+
+FAILURE_THRESHOLD = 0.5  # Antenna: a job whose failed images exceed this fraction ends FAILURE
 
 
 class Conflict(ValueError):
@@ -133,6 +166,7 @@ class ResultRecord:
     last_at: float
     num_delivered: int | None
     duplicates: int
+    dead_lettered: bool = False
 
 
 @dataclass(frozen=True)
@@ -157,6 +191,16 @@ class SaveOutcome:
         return self.stored.count(False)
 
 
+@dataclass(frozen=True)
+class Registration:
+    """What a registration did: pipelines created/updated (slugs), algorithms created (keys), the service."""
+
+    pipelines_created: list[str]
+    pipelines_updated: list[str]
+    algorithms_created: list[str]
+    service_id: int
+
+
 class Store:
     """All reads and writes of the local Antenna's state."""
 
@@ -172,10 +216,19 @@ class Store:
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.execute("PRAGMA foreign_keys=ON")
         self._db.executescript(_SCHEMA)
+        self._migrate()
 
     def close(self) -> None:
         with self._lock:
             self._db.close()
+
+    def _migrate(self) -> None:
+        """Columns added since a database was created (a persistent devstack's ``var/``)."""
+        with self._lock:
+            for table in ("jobs", "results"):
+                columns = {r[1] for r in self._db.execute(f"PRAGMA table_info({table})")}
+                if "dead_lettered" not in columns:
+                    self._db.execute(f"ALTER TABLE {table} ADD COLUMN dead_lettered INTEGER NOT NULL DEFAULT 0")
 
     # --- plumbing ------------------------------------------------------------------
 
@@ -255,12 +308,17 @@ class Store:
         with self._tx() as db:
             self._set_seqs(db, job_id, stream_seqs)
             db.execute(
-                "UPDATE jobs SET status = ?, started_at = ? WHERE id = ? AND status = ?",
-                (STARTED, self._clock(), job_id, CREATED),
+                "UPDATE jobs SET status = ?, started_at = ? WHERE id = ? AND status IN (?, ?)",
+                (STARTED, self._clock(), job_id, CREATED, PENDING),
             )
         job = self.job(job_id)
         assert job is not None
         return job
+
+    def mark_pending(self, job_id: int) -> None:
+        """CREATED -> PENDING: queued to start (Antenna's ``enqueue``), its tasks not yet published."""
+        with self._tx() as db:
+            db.execute("UPDATE jobs SET status = ? WHERE id = ? AND status = ?", (PENDING, job_id, CREATED))
 
     def record_stream_seqs(self, job_id: int, stream_seqs: dict[str, int]) -> None:
         """Replace the job's stream sequences (when publishing did not land where expected)."""
@@ -284,14 +342,16 @@ class Store:
     def discard_job(self, job_id: int) -> None:
         """Forget a job that never started (its NATS setup failed)."""
         with self._tx() as db:
-            db.execute("DELETE FROM jobs WHERE id = ? AND status = ?", (job_id, CREATED))
+            db.execute("DELETE FROM jobs WHERE id = ? AND status IN (?, ?)", (job_id, CREATED, PENDING))
 
     def cancel_job(self, job_id: int) -> bool:
-        """REVOKED, unless already final; True if this call changed it."""
+        """CANCELING (REVOKED at once if it never started), unless final or already
+        cancelling; True if this call changed it. :meth:`mark_cleaned` makes it REVOKED."""
         with self._tx() as db:
             cur = db.execute(
-                f"UPDATE jobs SET status = ?, cancelled_at = ? WHERE id = ? AND status NOT IN ({_marks(FINAL_STATES)})",
-                (REVOKED, self._clock(), job_id, *FINAL_STATES),
+                f"UPDATE jobs SET status = CASE WHEN started_at IS NULL THEN ? ELSE ? END, cancelled_at = ?"
+                f" WHERE id = ? AND status NOT IN ({_marks(FINAL_STATES)}, ?)",
+                (REVOKED, CANCELING, self._clock(), job_id, *FINAL_STATES, CANCELING),
             )
             return cur.rowcount == 1
 
@@ -343,9 +403,9 @@ class Store:
     def uncleaned_job_ids(self) -> list[int]:
         """Final jobs that once had NATS resources not yet deleted (cleanup failed or was cut short)."""
         rows = self._query(
-            f"SELECT id FROM jobs WHERE status IN ({_marks(FINAL_STATES)}) AND started_at IS NOT NULL"
+            f"SELECT id FROM jobs WHERE status IN ({_marks(FINAL_STATES)}, ?) AND started_at IS NOT NULL"
             " AND nats_cleaned = 0 ORDER BY id",
-            FINAL_STATES,
+            (*FINAL_STATES, CANCELING),
         )
         return [r[0] for r in rows]
 
@@ -371,6 +431,7 @@ class Store:
     def mark_cleaned(self, job_id: int) -> None:
         with self._tx() as db:
             db.execute("UPDATE jobs SET nats_cleaned = 1 WHERE id = ?", (job_id,))
+            db.execute("UPDATE jobs SET status = ? WHERE id = ? AND status = ?", (REVOKED, job_id, CANCELING))
 
     # --- images ---------------------------------------------------------------------------
 
@@ -388,6 +449,16 @@ class Store:
             (job_id, *seqs),
         )
         return {r[0]: r[1] for r in rows}
+
+    def image_ids(self, job_id: int, image_ids: Iterable[str]) -> set[str]:
+        """Those of ``image_ids`` that are images of this job."""
+        wanted = sorted({i for i in image_ids if i})
+        if not wanted:
+            return set()
+        rows = self._query(
+            f"SELECT image_id FROM images WHERE job_id = ? AND image_id IN ({_marks(wanted)})", (job_id, *wanted)
+        )
+        return {r[0] for r in rows}
 
     # --- results ------------------------------------------------------------------------
 
@@ -422,13 +493,14 @@ class Store:
             for image_id in image_ids:
                 payload = json.dumps({"error": error, "image_id": image_id})
                 cur = db.execute(
-                    "INSERT INTO results (job_id, image_id, kind, payload, first_at, last_at)"
-                    " VALUES (?, ?, 'error', ?, ?, ?) ON CONFLICT (job_id, image_id) DO NOTHING",
+                    "INSERT INTO results (job_id, image_id, kind, payload, first_at, last_at, dead_lettered)"
+                    " VALUES (?, ?, 'error', ?, ?, ?, 1) ON CONFLICT (job_id, image_id) DO NOTHING",
                     (job_id, image_id, payload, now, now),
                 )
                 stored.append(cur.rowcount == 1)
                 if cur.rowcount == 1:
                     new.append(NewResult(image_id, "error", payload))
+            db.execute("UPDATE jobs SET dead_lettered = dead_lettered + ? WHERE id = ?", (len(new), job_id))
             completed = self._count(db, job_id, new, 0, now)
         return SaveOutcome(stored, completed)
 
@@ -442,11 +514,16 @@ class Store:
             (ok, len(new) - ok, duplicates, len(new), now, len(new), now, job_id),
         )
         cur = db.execute(
-            f"UPDATE jobs SET status = ?, completed_at = ? WHERE id = ? AND status IN ({_marks(ACTIVE_STATES)})"
-            " AND results + errors >= total",
-            (SUCCESS, now, job_id, *ACTIVE_STATES),
+            "UPDATE jobs SET status = CASE WHEN errors * 1.0 > total * ? THEN ? ELSE ? END, completed_at = ?"
+            f" WHERE id = ? AND status IN ({_marks(ACTIVE_STATES)}) AND results + errors >= total",
+            (FAILURE_THRESHOLD, FAILURE, SUCCESS, now, job_id, *ACTIVE_STATES),
         )
         return cur.rowcount == 1
+
+    def dead_lettered(self, job_id: int) -> int:
+        """Images of the job whose only answer came from the dead-letter reaper (work never done)."""
+        rows = self._query("SELECT COUNT(*) FROM results WHERE job_id = ? AND dead_lettered = 1", (job_id,))
+        return rows[0][0]
 
     def results(self, job_id: int) -> list[ResultRecord]:
         rows = self._query("SELECT * FROM results WHERE job_id = ? ORDER BY first_at, image_id", (job_id,))
@@ -460,6 +537,7 @@ class Store:
                 r["last_at"],
                 r["num_delivered"],
                 r["duplicates"],
+                bool(r["dead_lettered"]),
             )
             for r in rows
         ]
@@ -470,8 +548,14 @@ class Store:
         self, project_id: int, service_name: str, pipelines: Sequence[dict[str, Any]]
     ) -> tuple[list[str], list[str], int]:
         """Upsert a processing service's pipelines: ``(created slugs, updated slugs, service id)``."""
+        outcome = self.register(project_id, service_name, pipelines)
+        return outcome.pipelines_created, outcome.pipelines_updated, outcome.service_id
+
+    def register(self, project_id: int, service_name: str, pipelines: Sequence[dict[str, Any]]) -> "Registration":
+        """Antenna's ``create_pipelines``: pipelines upserted per (project, slug), their algorithms
+        created once (by key) and added to the pipeline (never removed: a union across services)."""
         now = self._clock()
-        created, updated = [], []
+        created, updated, algorithms_created = [], [], []
         with self._tx() as db:
             db.execute(
                 "INSERT INTO processing_services (project_id, name, last_seen_at) VALUES (?, ?, ?)"
@@ -493,7 +577,24 @@ class Store:
                     (project_id, p["slug"], p["name"], p["version"], json.dumps(p), service_id, now),
                 )
                 (updated if exists else created).append(p["slug"])
-        return created, updated, service_id
+                for algorithm in p.get("algorithms") or ():
+                    cur = db.execute(
+                        "INSERT INTO algorithms (key, name, created_at) VALUES (?, ?, ?) ON CONFLICT (key) DO NOTHING",
+                        (algorithm["key"], algorithm.get("name") or algorithm["key"], now),
+                    )
+                    if cur.rowcount == 1:
+                        algorithms_created.append(algorithm["key"])
+                    db.execute(
+                        "INSERT INTO pipeline_algorithms (project_id, slug, key) VALUES (?, ?, ?)"
+                        " ON CONFLICT DO NOTHING",
+                        (project_id, p["slug"], algorithm["key"]),
+                    )
+        return Registration(created, updated, algorithms_created, service_id)
+
+    def algorithm_keys(self, project_id: int, slug: str) -> set[str]:
+        """Keys of the algorithms registered for this project's pipeline (empty if it is not registered)."""
+        rows = self._query("SELECT key FROM pipeline_algorithms WHERE project_id = ? AND slug = ?", (project_id, slug))
+        return {r[0] for r in rows}
 
     def pipelines(self, project_id: int) -> list[dict[str, Any]]:
         rows = self._query("SELECT config FROM pipelines WHERE project_id = ? ORDER BY slug", (project_id,))

@@ -98,7 +98,7 @@ class JobStreams(JobQueue):
             )
 
     async def publish_tasks(self, job_id: int, tasks: list[PipelineProcessingTask]) -> list[int]:
-        """Publish task bodies (without reply_subject); returns their stream sequences.
+        """Publish task bodies (``"reply_subject": null``, as Antenna's); returns their stream sequences.
 
         Up to ``PUBLISH_WINDOW`` publishes are in flight at once (5x faster than one
         by one); they leave in order, so stream order is task order.
@@ -108,7 +108,7 @@ class JobStreams(JobQueue):
             acks = await asyncio.gather(
                 *(
                     self.js.publish(
-                        subject_name(job_id), t.model_dump_json(exclude={"reply_subject"}).encode(), stream=stream_name(job_id)
+                        subject_name(job_id), t.model_copy(update={"reply_subject": None}).model_dump_json().encode(), stream=stream_name(job_id)
                     )
                     for t in tasks[start : start + PUBLISH_WINDOW]
                 )
