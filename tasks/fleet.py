@@ -1,0 +1,258 @@
+"""The fleet keeper's one pass: compare the fleet spec with the worker runs Prefect has, and fix the difference.
+
+For each slot of the spec (deployments/fleet.py):
+
+- its work queue exists in the deployment's pool with concurrency 1 (a GPU never runs two workers,
+  whatever the number of runs: a second one waits in the queue);
+- a run that is Running but whose process is gone (no ``prefect.flow-run.heartbeat`` event for
+  ``stale_after_s`` although it sent some before: its host died) is marked Crashed;
+- if no run of the slot is alive (Scheduled, Pending, Running, Paused, Cancelling), one is created
+  (``run_deployment(timeout=0)``, tags ``fleet`` and ``fleet-slot:<slot>``, on the slot's queue);
+- extra runs of a slot that are only waiting (Scheduled) behind a live one are cancelled.
+
+Runs whose process was killed are marked Crashed by the Prefect worker that started them (the process
+exits without a final state), so the next pass replaces them. Slots that left the spec are left alone
+(stop their runs by hand: cancelling a run of a slot still in the spec gets it replaced).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+from uuid import UUID
+
+import antenna_flows.prefect_env  # noqa: F401 - before prefect
+from prefect.client.orchestration import PrefectClient
+from prefect.client.schemas.filters import (
+    FlowRunFilter,
+    FlowRunFilterState,
+    FlowRunFilterStateType,
+    FlowRunFilterTags,
+)
+from prefect.client.schemas.objects import FlowRun, StateType
+from prefect.client.schemas.sorting import FlowRunSort
+from prefect.deployments import run_deployment
+from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
+from prefect.states import Cancelled, Crashed
+
+from deployments.fleet import FLEET_TAG, Fleet, Slot, slot_of
+
+log = logging.getLogger(__name__)
+
+ALIVE = [StateType.SCHEDULED, StateType.PENDING, StateType.RUNNING, StateType.PAUSED, StateType.CANCELLING]
+HEARTBEAT_EVENT = "prefect.flow-run.heartbeat"
+
+
+@dataclass
+class SlotReport:
+    slot: str
+    deployment: str
+    run: str = ""
+    state: str = ""
+    action: str = "ok"
+    heartbeat_age_s: float | None = None
+    detail: str = ""
+
+    def row(self) -> dict[str, Any]:
+        return {
+            "slot": self.slot,
+            "deployment": self.deployment,
+            "run": self.run,
+            "state": self.state,
+            "heartbeat_age_s": None if self.heartbeat_age_s is None else round(self.heartbeat_age_s, 1),
+            "action": self.action,
+            "detail": self.detail,
+        }
+
+
+@dataclass
+class KeeperResult:
+    slots: list[SlotReport] = field(default_factory=list)
+    started: int = 0
+    crashed: int = 0
+    cancelled: int = 0
+    errors: int = 0
+
+    def totals(self) -> dict[str, int]:
+        return {
+            "slots": len(self.slots),
+            "started": self.started,
+            "marked_crashed": self.crashed,
+            "cancelled_duplicates": self.cancelled,
+            "errors": self.errors,
+        }
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc)
+
+
+async def fleet_runs(client: PrefectClient) -> dict[str, list[FlowRun]]:
+    """Alive runs tagged ``fleet``, by slot, oldest first."""
+    runs = await client.read_flow_runs(
+        flow_run_filter=FlowRunFilter(
+            tags=FlowRunFilterTags(all_=[FLEET_TAG]),
+            state=FlowRunFilterState(type=FlowRunFilterStateType(any_=ALIVE)),
+        ),
+        sort=FlowRunSort.EXPECTED_START_TIME_ASC,
+        limit=200,
+    )
+    by_slot: dict[str, list[FlowRun]] = {}
+    for run in runs:
+        slot = slot_of(run.tags)
+        if slot:
+            by_slot.setdefault(slot, []).append(run)
+    return by_slot
+
+
+async def last_heartbeat(client: PrefectClient, run_id: UUID, since: dt.datetime) -> dt.datetime | None:
+    """When the run last sent a heartbeat event since ``since`` (None: none in that window)."""
+    from prefect.events.filters import EventFilter, EventNameFilter, EventOccurredFilter, EventResourceFilter
+
+    page = await client.read_events(
+        filter=EventFilter(
+            occurred=EventOccurredFilter(since=since, until=_now() + dt.timedelta(minutes=1)),
+            event=EventNameFilter(name=[HEARTBEAT_EVENT]),
+            resource=EventResourceFilter(id=[f"prefect.flow-run.{run_id}"]),
+        ),
+        limit=1,
+    )
+    events = page.events if page else []
+    return max((e.occurred for e in events), default=None)
+
+
+async def is_stale(client: PrefectClient, run: FlowRun, stale_after_s: float) -> tuple[bool, float | None]:
+    """Running, heartbeats seen in the last day, none in the last ``stale_after_s``: the process is gone.
+
+    A run that never sent a heartbeat (heartbeats off, or the events service not keeping them) is never
+    called stale: marking a live worker Crashed would put a second worker on its GPU.
+    """
+    if stale_after_s <= 0 or run.state is None or run.state.type != StateType.RUNNING:
+        return False, None
+    now = _now()
+    running_since = run.state.timestamp or run.start_time or now
+    recent = await last_heartbeat(client, run.id, now - dt.timedelta(seconds=stale_after_s))
+    if recent is not None:
+        return False, (now - recent).total_seconds()
+    if (now - running_since).total_seconds() < stale_after_s:
+        return False, None
+    earlier = await last_heartbeat(client, run.id, now - dt.timedelta(days=1))
+    if earlier is None:
+        return False, None
+    return True, (now - earlier).total_seconds()
+
+
+async def ensure_queue(client: PrefectClient, pool: str, queue: str, cache: set[tuple[str, str]]) -> None:
+    """The slot's work queue, concurrency 1, in the deployment's pool (created once, limit restored if changed)."""
+    if (pool, queue) in cache:
+        return
+    try:
+        existing = await client.read_work_queue_by_name(queue, work_pool_name=pool)
+    except ObjectNotFound:
+        try:
+            await client.create_work_queue(
+                name=queue,
+                work_pool_name=pool,
+                concurrency_limit=1,
+                description="One fair-worker run at a time on this GPU slot (made by the fleet keeper).",
+            )
+        except ObjectAlreadyExists:
+            pass
+    else:
+        if existing.concurrency_limit != 1:
+            await client.update_work_queue(existing.id, concurrency_limit=1)
+    cache.add((pool, queue))
+
+
+async def keep_fleet(client: PrefectClient, fleet: Fleet, *, dry_run: bool = False) -> KeeperResult:
+    """One pass of the keeper (idempotent: two passes at once start at most one extra, queued, run)."""
+    result = KeeperResult()
+    alive = await fleet_runs(client)
+    pools: dict[str, str] = {}
+    queues: set[tuple[str, str]] = set()
+    for slot in fleet.slots:
+        report = SlotReport(slot=slot.name, deployment=slot.deployment)
+        result.slots.append(report)
+        try:
+            await _keep_slot(client, fleet, slot, alive.get(slot.name, []), report, result, pools, queues, dry_run)
+        except Exception as exc:  # noqa: BLE001 - one slot's trouble must not stop the others
+            result.errors += 1
+            report.action = "error"
+            report.detail = f"{type(exc).__name__}: {exc}"[:300]
+            log.warning("slot %s: %s", slot.name, report.detail)
+    return result
+
+
+async def _keep_slot(
+    client: PrefectClient,
+    fleet: Fleet,
+    slot: Slot,
+    runs: list[FlowRun],
+    report: SlotReport,
+    result: KeeperResult,
+    pools: dict[str, str],
+    queues: set[tuple[str, str]],
+    dry_run: bool,
+) -> None:
+    if slot.deployment not in pools:
+        deployment = await client.read_deployment_by_name(slot.deployment)
+        if not deployment.work_pool_name:
+            raise RuntimeError(f"deployment {slot.deployment} has no work pool")
+        pools[slot.deployment] = deployment.work_pool_name
+    if not dry_run:
+        await ensure_queue(client, pools[slot.deployment], slot.work_queue, queues)
+
+    live: list[FlowRun] = []
+    for run in runs:
+        stale, age = await is_stale(client, run, fleet.stale_after_s)
+        if run.state and run.state.type == StateType.RUNNING:
+            report.heartbeat_age_s = age
+        if stale:
+            report.detail = f"{run.name}: no heartbeat for {age:.0f} s, marked Crashed"
+            result.crashed += 1
+            if not dry_run:
+                await client.set_flow_run_state(
+                    run.id,
+                    Crashed(message=f"fleet keeper: no heartbeat for {age:.0f} s (host or process lost)"),
+                    force=True,
+                )
+            continue
+        live.append(run)
+
+    running = [r for r in live if r.state and r.state.type != StateType.SCHEDULED]
+    keep = running[0] if running else (live[0] if live else None)
+    for extra in live:
+        if extra is keep or (extra.state and extra.state.type != StateType.SCHEDULED):
+            continue
+        result.cancelled += 1
+        report.detail = (report.detail + "; " if report.detail else "") + f"cancelled waiting duplicate {extra.name}"
+        if not dry_run:
+            await client.set_flow_run_state(extra.id, Cancelled(message="fleet keeper: duplicate run of this slot"))
+    if len(running) > 1:
+        names = ", ".join(r.name for r in running)
+        report.detail = (report.detail + "; " if report.detail else "") + f"several runs active: {names}"
+
+    if keep is not None:
+        report.run = keep.name
+        report.state = keep.state.name if keep.state else ""
+        return
+    result.started += 1
+    report.action = "started"
+    if dry_run:
+        report.state = "(dry run)"
+        return
+    run = await run_deployment(
+        slot.deployment,
+        parameters=slot.parameters,
+        flow_run_name=slot.name,
+        tags=slot.tags,
+        work_queue_name=slot.work_queue,
+        timeout=0,
+        as_subflow=False,
+        client=client,
+    )
+    report.run = run.name
+    report.state = run.state.name if run.state else "Scheduled"
+    log.info("slot %s: started run %s (%s)", slot.name, run.name, run.id)
