@@ -8,9 +8,9 @@ drift from the contract shows up in tests on both sides at once.
 from __future__ import annotations
 
 import datetime as dt
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, SerializationInfo, SerializerFunctionWrapHandler, WrapSerializer
 
 
 def utcnow() -> dt.datetime:
@@ -57,11 +57,24 @@ class BoundingBox(BaseModel):
     y2: float
 
 
+def _floats(value: Any, handler: SerializerFunctionWrapHandler, info: SerializationInfo) -> Any:
+    if isinstance(value, list):
+        return handler(value)
+    # A float32 array from the model: left as is in Python dumps (results_codec writes it
+    # without a Python float per value), a list for pydantic's own JSON.
+    return value.tolist() if info.mode_is_json() else value
+
+
+# list[float] on the wire and in validation (the JSON schema is unchanged); the model side may
+# also hold a 1-D numpy array here (built with model_construct), see antenna_flows/results_codec.py.
+FloatList = Annotated[list[float], WrapSerializer(_floats)]
+
+
 class ClassificationResponse(BaseModel):
     classification: str
     labels: list[str] | None = None
-    scores: list[float] = Field(default_factory=list)
-    logits: list[float] | None = None
+    scores: FloatList = Field(default_factory=list)
+    logits: FloatList | None = None
     inference_time: float | None = None
     algorithm: AlgorithmReference
     terminal: bool = True
