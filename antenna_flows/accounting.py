@@ -23,7 +23,8 @@ class JobLedger:
     slot_s: float = 0.0  # this job's measured share of inference-slot seconds
     batches: int = 0
     redelivered: int = 0  # deliveries we received with num_delivered > 1
-    duplicates_skipped: int = 0  # redeliveries of images this worker had already answered
+    reanswered: int = 0  # redeliveries of images this worker had answered (Antenna's save failed): answered again
+    recomputed: int = 0  # of those, answers no longer remembered, so computed again
     released: int = 0  # handed back with nak (stop, outage)
     dropped: int = 0  # discarded because the job's stream vanished (completed or cancelled)
     terminated: int = 0  # poison tasks Antenna accepts no answer for (term: never redelivered)
@@ -135,11 +136,13 @@ class BatchLog:
         self.worker = worker
         self._file = open(path, "a", buffering=1) if path else None  # noqa: SIM115 - line-buffered, closed by close()
 
-    def write(self, pipeline: str, t_start: float, slot_s: float, jobs: dict[int, int], max_idle_s: float) -> None:
+    def write(self, pipeline: str, slot_s: float, jobs: dict[int, int], max_idle_s: float) -> None:
+        """A batch that just ended after ``slot_s`` seconds (wall-clock stamps, to line up processes)."""
         if self._file is None:
             return
+        t_end = time.time()
         self._file.write(json.dumps({
-            "worker": self.worker, "pipeline": pipeline, "t_start": t_start, "t_end": time.time(),
+            "worker": self.worker, "pipeline": pipeline, "t_start": t_end - slot_s, "t_end": t_end,
             "slot_s": round(slot_s, 6), "n": sum(jobs.values()), "jobs": {str(k): v for k, v in jobs.items()},
             "max_reserved_idle_s": round(max_idle_s, 6),
         }) + "\n")

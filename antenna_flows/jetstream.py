@@ -158,6 +158,7 @@ class Reservation:
     parse_error: str | None
     reply_subject: str
     msg: Msg | None = None
+    loose_image_id: str | None = None  # for a malformed body: the image id it names, if any (to answer it)
     reserved_at: float = field(default_factory=time.monotonic)
     touched_at: float = 0.0  # last +WPI (0: none yet, the reservation itself counts)
 
@@ -173,7 +174,7 @@ class Reservation:
 
     @property
     def image_id(self) -> str | None:
-        return self.task.image_id if self.task else None
+        return self.task.image_id if self.task else self.loose_image_id
 
 
 MAX_TASK_BYTES = 64 * 1024  # Antenna's task bodies are ~200 bytes
@@ -359,9 +360,24 @@ def is_status(msg: Msg) -> str | None:
     return None
 
 
+def loose_image_id(data: bytes) -> str | None:
+    """The ``image_id`` a malformed body still names (a number, or a short string), else None."""
+    if len(data) > MAX_TASK_BYTES:
+        return None
+    try:
+        value = json.loads(data).get("image_id")
+    except (ValueError, AttributeError, UnicodeDecodeError):
+        return None
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        return None
+    text = str(value)
+    return text if 0 < len(text) <= MAX_TASK_ID_CHARS else None
+
+
 def _reservation(job_id: int, msg: Msg) -> Reservation:
     task, error = parse_task(msg.data)
-    return Reservation(job_id=job_id, task=task, parse_error=error, reply_subject=msg.reply, msg=msg)
+    return Reservation(job_id=job_id, task=task, parse_error=error, reply_subject=msg.reply, msg=msg,
+                       loose_image_id=None if task else loose_image_id(msg.data))
 
 
 class _Inbox:

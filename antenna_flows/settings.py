@@ -140,10 +140,6 @@ class WorkerSettings(BaseSettings):
     initial_seconds_per_image: float = Field(
         1.0, gt=0, description="Slot seconds per image assumed until the first batch is measured."
     )
-    ack_on_accept: bool = Field(
-        True,
-        description="Ack a task once Antenna accepts its result (Antenna acks again after saving; both are idempotent).",
-    )
     reserve_fraction: float = Field(
         0.5,
         gt=0,
@@ -153,7 +149,11 @@ class WorkerSettings(BaseSettings):
     in_progress_fraction: float = Field(
         1 / 3, gt=0, lt=1, description="Send +WPI to every held task each ack_wait times this fraction."
     )
-    discovery_interval_s: float = Field(1.0, gt=0, description="Seconds between job polls (advisories wake it sooner).")
+    discovery_interval_s: float = Field(
+        4.0, gt=0,
+        description="Seconds between job polls: a fleet idles at <= 0.25 requests per worker-second (over NATS, "
+        "JetStream stream-created advisories wake it at once).",
+    )
     idle_forget_s: float = Field(
         20.0, gt=0, description="Forget a job after this long with nothing available and nothing in flight."
     )
@@ -161,7 +161,7 @@ class WorkerSettings(BaseSettings):
         600.0, gt=0, description="Longest inference session (one Prefect subflow run) before a new one starts."
     )
     session_idle_s: float = Field(60.0, gt=0, description="End an inference session after this long with no work.")
-    max_runtime_s: float | None = Field(None, gt=0, description="Stop gracefully after this many seconds (unset: run until signalled).")
+    max_runtime_s: float | None = Field(86400.0, gt=0, description="Stop gracefully after this many seconds (a day; then the next run takes over; None: run until signalled).")
     post_retries: int = Field(4, ge=0, description="Retries of a result POST before its tasks are released (nak).")
     post_retry_delay_s: float = Field(0.5, gt=0, description="First retry delay of a result POST; doubles each retry, jittered.")
     release_delay_s: float = Field(

@@ -6,11 +6,13 @@ and keeps the same scheduler, batching and accounting.
 
 - :class:`NatsTransport` binds to Antenna's durable consumers and reserves with
   ``no_wait`` pulls. It can keep a task alive past ``ack_wait`` (+WPI), hand it
-  back (nak with delay) and ack it itself.
+  back (nak with delay) or terminate it.
 - :class:`RestTransport` reserves through ``POST /jobs/{id}/tasks/`` (Antenna
-  fetches for us and acks when our result is saved). It cannot extend or
-  release a reservation, so the worker keeps its reservations within the
-  window by budget alone.
+  fetches for us). It cannot extend or release a reservation, so the worker
+  keeps its reservations within the window by budget alone.
+
+Neither can ack: the ack of an answered task is Antenna's, published after it
+has saved the result (a failed save is left unacked for NATS to redeliver).
 """
 
 from __future__ import annotations
@@ -31,8 +33,6 @@ class Transport(Protocol):
     async def reserve(self, job_id: int, n: int) -> list[Reservation]:
         """Up to ``n`` tasks available now; ``[]`` if none; raises StreamGone if the job's queue vanished."""
         ...
-
-    async def ack(self, r: Reservation) -> None: ...
 
     async def nak(self, r: Reservation, delay_s: float) -> None: ...
 
@@ -67,9 +67,6 @@ class NatsTransport:
     async def reserve(self, job_id: int, n: int) -> list[Reservation]:
         return await self.queue.reserve(job_id, n)
 
-    async def ack(self, r: Reservation) -> None:
-        await self._send(r, "ack")
-
     async def nak(self, r: Reservation, delay_s: float) -> None:
         await self._send(r, "nak", delay_s)
 
@@ -85,8 +82,10 @@ class NatsTransport:
         try:
             if what == "nak":
                 await r.msg.nak(delay=delay_s)
+            elif what == "in_progress":
+                await r.msg.in_progress()
             else:
-                await getattr(r.msg, what)()
+                await r.msg.term()
         except Exception as exc:  # noqa: BLE001 - a lost ack/WPI is recovered by redelivery
             log.warning("job %s: %s of task %s failed: %s", r.job_id, what, r.image_id, exc)
 
@@ -124,9 +123,6 @@ class RestTransport:
             Reservation(job_id=job_id, task=t, parse_error=None, reply_subject=t.reply_subject or "")
             for t in tasks
         ]
-
-    async def ack(self, r: Reservation) -> None:
-        """Antenna acks when it has saved our result."""
 
     async def nak(self, r: Reservation, delay_s: float) -> None:
         """No way to hand a task back over REST: it returns to the queue after ack_wait."""

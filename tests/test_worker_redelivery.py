@@ -1,7 +1,9 @@
-"""Redeliveries reaching a worker: answered once, acked for every delivery.
+"""Redeliveries reaching a worker: the store's bookkeeping, with a recording transport.
 
-Worker logic on in-memory reservations, with a recording transport standing in
-for the queue (the end-to-end paths run against real NATS in test_worker.py).
+Worker logic on in-memory reservations (the end-to-end paths run against real
+NATS and the Antenna-like local API in test_worker.py). The rule under test:
+the worker never acks; a redelivery of an answered image means Antenna's save
+did not happen, so it is answered again.
 """
 
 from __future__ import annotations
@@ -11,22 +13,32 @@ import asyncio
 from antenna_flows.imageloader import ImageLoader
 from antenna_flows.jetstream import Reservation
 from antenna_flows.models.sim import SimModel
-from antenna_flows.schemas import PipelineProcessingTask
+from antenna_flows.schemas import PipelineProcessingTask, PipelineResultsError
 from antenna_flows.settings import WorkerSettings
 from antenna_flows.worker import FairWorker
+from antenna_flows.worker.held import HeldTask, State
+from antenna_flows.worker.reserver import accept
+from antenna_flows.worker.settle import PostDecision, Settler, post_outcome
+from antenna_flows.antenna_client import AuthError, Rejected, Unavailable
 
 
 class RecordingTransport:
-    """Remembers what the worker did with each reservation."""
+    """Remembers what the worker did with each reservation (it has no ack: the worker cannot ack)."""
 
     name = "recording"
     can_extend = True
 
     def __init__(self) -> None:
-        self.acked: list[str] = []
+        self.calls: list[tuple[str, str]] = []
 
-    async def ack(self, r: Reservation) -> None:
-        self.acked.append(r.reply_subject)
+    async def in_progress(self, r: Reservation) -> None:
+        self.calls.append(("wpi", r.reply_subject))
+
+    async def nak(self, r: Reservation, delay_s: float) -> None:
+        self.calls.append(("nak", r.reply_subject))
+
+    async def term(self, r: Reservation) -> None:
+        self.calls.append(("term", r.reply_subject))
 
 
 def reservation(image_id: str, delivery: int, seq: int) -> Reservation:
@@ -38,28 +50,83 @@ def reservation(image_id: str, delivery: int, seq: int) -> Reservation:
 def worker() -> FairWorker:
     w = FairWorker(WorkerSettings(model_kind="sim", worker_name="t"), SimModel(), transport=RecordingTransport())
     w.loader = ImageLoader(timeout_s=1.0)  # nothing listens on port 9: loads fail fast, as a missing image would
+    w.settler = Settler("t", w.store, w.ledger, w.transport, release_delay_s=0.01)
     return w
 
 
-async def test_redelivery_of_an_answered_image_is_acked_not_reprocessed():
-    w = worker()
-    w.answered[(7, "42")] = None  # this worker already posted image 42 and Antenna accepted it
-    w._accept(7, [reservation("42", delivery=2, seq=3)])
-    await asyncio.sleep(0)  # the ack is sent in the background
-    assert not w.pool.get(7)  # nothing queued for inference
-    assert w.transport.acked == ["$JS.ACK.job_7.job-7-consumer.2.3.5.1700000000000000000.0"]
-    assert w.ledger.job(7).duplicates_skipped == 1
-    assert w.ledger.job(7).redelivered == 1
+async def answer(w: FairWorker, held: HeldTask) -> None:
+    held.result = PipelineResultsError(error="x", image_id=held.r.image_id)
+    held.state = State.POSTING
+    await w.settler.settle([held], State.ANSWERED)
 
 
-async def test_second_delivery_while_held_joins_the_first_and_is_answered_with_it():
+async def test_an_answered_task_is_never_acked_and_gets_one_last_heartbeat():
     w = worker()
-    w._accept(7, [reservation("42", delivery=1, seq=3)])
-    held = w.pool[7][0]
-    w._accept(7, [reservation("42", delivery=2, seq=3)])
-    assert len(w.pool[7]) == 1  # one inference for both deliveries
-    assert [r.num_delivered for r in held.reservations()] == [1, 2]
-    await w._acked(7, [(held, object())])
-    assert len(w.transport.acked) == 2  # every delivery acked once the result is accepted
-    assert (7, "42") in w.answered
+    accept(w, 7, [reservation("42", delivery=1, seq=3)])
+    [held] = w.store.all()
+    await answer(w, held)
+    assert w.transport.calls == [("wpi", held.r.reply_subject)]  # Antenna gets a full ack_wait to save
+    assert len(w.store) == 0 and w.store.answered((7, "42"))
     await w.loader.aclose()
+
+
+async def test_redelivery_of_an_answered_image_is_answered_again_from_the_kept_answer(monkeypatch):
+    w = worker()
+    accept(w, 7, [reservation("42", delivery=1, seq=3)])
+    [first] = w.store.all()
+    await answer(w, first)
+    posted: list[list[HeldTask]] = []
+    monkeypatch.setattr("antenna_flows.worker.poster.post_in_background", lambda _w, tasks: posted.append(tasks))
+    accept(w, 7, [reservation("42", delivery=2, seq=3)])  # Antenna's save failed: NATS redelivers
+    [[again]] = posted
+    assert again.reanswer and again.state is State.POSTING and again.result == first.result
+    assert again.r.num_delivered == 2 and again.image is None  # no download, no inference
+    await w.settler.settle([again], State.ANSWERED)
+    assert w.ledger.job(7).reanswered == 1 and w.ledger.job(7).recomputed == 0
+    assert w.ledger.job(7).redelivered == 1
+    await w.loader.aclose()
+
+
+async def test_redelivery_of_an_answer_no_longer_kept_is_recomputed():
+    w = worker()
+    w.store.answers_kept = 0
+    accept(w, 7, [reservation("42", delivery=1, seq=3)])
+    [first] = w.store.all()
+    await answer(w, first)
+    accept(w, 7, [reservation("42", delivery=2, seq=3)])
+    [again] = w.store.all()
+    assert again.reanswer and again.state is State.LOADING  # loading its image again: computed anew
+    assert w.ledger.job(7).recomputed == 1
+    again.image.cancel()
+    await w.loader.aclose()
+
+
+async def test_second_delivery_while_held_joins_the_first_and_is_answered_on_the_latest_subject():
+    w = worker()
+    accept(w, 7, [reservation("42", delivery=1, seq=3)])
+    [held] = w.store.all()
+    accept(w, 7, [reservation("42", delivery=2, seq=3)])
+    assert len(w.store) == 1  # one inference for both deliveries
+    assert [r.num_delivered for r in held.reservations()] == [1, 2]
+    assert held.reply_subjects() == [held.twins[0].reply_subject]  # one message: answered once, latest delivery
+    held.image.cancel()
+    await w.loader.aclose()
+
+
+async def test_stop_releases_waiting_tasks_with_nak():
+    w = worker()
+    accept(w, 7, [reservation("1", 1, 1), reservation("2", 1, 2)])
+    released = await w.settler.settle(w.store.all(State.RESERVED, State.LOADING, State.READY), State.RELEASED, "stop")
+    assert released == 2 and len(w.store) == 0
+    assert [c for c, _ in w.transport.calls] == ["nak", "nak"]
+    assert w.ledger.job(7).released == 2
+    await w.loader.aclose()
+
+
+def test_what_a_post_error_means_for_its_tasks():
+    assert post_outcome(None) is PostDecision.ANSWERED
+    assert post_outcome(Unavailable("503")) is PostDecision.RELEASE  # the retries were spent
+    assert post_outcome(AuthError("401")) is PostDecision.FATAL
+    assert post_outcome(Rejected(404, "gone", "POST /x")) is PostDecision.DROP
+    assert post_outcome(Rejected(400, "bad", "POST /x")) is PostDecision.ISOLATE
+    assert post_outcome(asyncio.TimeoutError()) is PostDecision.RELEASE
