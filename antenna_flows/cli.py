@@ -136,6 +136,17 @@ def add_devstack(subparsers: Any) -> None:
     parser.add_argument(
         "--nats-port", type=int, default=DEFAULT_NATS_PORT, help="Port of the embedded nats-server (0: any free port)."
     )
+    parser.add_argument(
+        "--register-kinds", default="sim,ami", metavar="KINDS",
+        help="Model kinds whose algorithms are registered for every pipeline of project 1 at start, comma separated "
+        "(default sim,ami; as an operator runs `register` before starting workers). Results naming any other "
+        "algorithm are refused at save time and never acked, as Antenna does.",
+    )
+    parser.add_argument(
+        "--reap-dead-letters", action="store_true",
+        help="Turn tasks that exhausted max_deliver into error results counted as dead_lettered (off by default, "
+        "as in Antenna, where only a management command or the stale-job reaper does that).",
+    )
     parser.set_defaults(func=run_devstack)
 
 
@@ -144,7 +155,8 @@ def run_devstack(args: argparse.Namespace) -> int:
 
     queue: QueueSettings = settings_from_args(QueueSettings, args)
     api: ApiSettings = settings_from_args(ApiSettings, args)
-    stack = DevStack(queue, api, nats_port=args.nats_port)
+    kinds = [k.strip() for k in args.register_kinds.split(",") if k.strip()]
+    stack = DevStack(queue, api, nats_port=args.nats_port, register_kinds=kinds, reap_dead_letters=args.reap_dead_letters)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     with stack:
@@ -438,19 +450,30 @@ def add_register(subparsers: Any) -> None:
     parser.add_argument("--service-name", default=None, help="Processing service name (default: antenna-flows).")
     parser.add_argument("--pipeline", action="append", default=None, metavar="SLUG",
                         help="Register only this pipeline (repeatable; default: every pipeline in the registry).")
+    parser.add_argument("--model-kind", choices=("ami", "sim"), default="ami",
+                        help="Whose algorithms to declare: 'ami' (the real models, with their category maps) or "
+                        "'sim' (the simulated detector and classifier, for a staging fleet running sim against a "
+                        "real Antenna). Antenna refuses results naming undeclared algorithms. Default ami.")
+    parser.add_argument("--json", dest="json_answer", action="store_true", help="Print Antenna's whole answer as JSON.")
     add_settings_arguments(parser, ClientSettings, CLIENT_ALIASES)
     parser.set_defaults(func=run_register)
 
 
 def run_register(args: argparse.Namespace) -> int:
     import asyncio
+    import json
 
-    from antenna_flows.registration import register_pipelines
+    from antenna_flows.registration import register_pipelines, summary
 
     client = settings_from_args(ClientSettings, args)
     answer = asyncio.run(register_pipelines(client.antenna_api_url, client.antenna_api_token, args.project,
-                                            service_name=args.service_name, slugs=args.pipeline))
-    print(answer)
+                                            service_name=args.service_name, slugs=args.pipeline,
+                                            model_kind=args.model_kind))
+    if args.json_answer:
+        print(json.dumps(answer, indent=2))
+    else:
+        print(f"project {args.project}, model kind {args.model_kind}:")
+        print(summary(answer, args.pipeline))
     return 0
 
 
@@ -483,7 +506,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValidationError as exc:
         parser.error(f"invalid settings: {_validation_summary(exc)}")
     except AntennaError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        if exc.status is None and isinstance(exc.__cause__, httpx.TransportError):
+            print(f"error: cannot reach the API ({exc}); is `antenna-flows devstack` running?", file=sys.stderr)
+        else:
+            print(f"error: {exc}", file=sys.stderr)
     except httpx.TransportError as exc:
         print(f"error: cannot reach the API ({exc}); is `antenna-flows devstack` running?", file=sys.stderr)
     except FileNotFoundError as exc:  # missing weights or label maps: the message says how to get them

@@ -128,3 +128,19 @@ def test_help_lists_the_commands() -> None:
     text = build_parser().format_help()
     for command in ("devstack", "submit", "jobs"):
         assert command in text
+
+
+def test_register_prints_a_short_summary(capsys: pytest.CaptureFixture[str]) -> None:
+    with DevStack(register_kinds=()) as stack:
+        code = main(["register", "--project", "3", "--model-kind", "sim", "--pipeline", "moth_binary",
+                     "--pipeline", "panama_moths_2024", "--antenna-api-url", stack.api_url,
+                     "--antenna-api-token", stack.token])
+        out = capsys.readouterr().out
+        assert code == 0
+        assert "pipelines created (2): moth_binary, panama_moths_2024" in out
+        assert "algorithms created (2): sim-detector, sim-classifier" in out
+        assert len(out) < 1000
+        assert stack.store.algorithm_keys(3, "moth_binary") == {"sim-detector", "sim-classifier"}
+        assert main(["register", "--project", "3", "--model-kind", "sim", "--pipeline", "moth_binary",
+                     "--antenna-api-url", stack.api_url, "--antenna-api-token", stack.token]) == 0
+        assert "pipelines updated (1): moth_binary" in capsys.readouterr().out
