@@ -1,13 +1,26 @@
 """The fair worker flow: one long-running flow run per GPU.
 
-    fair-worker (one run per worker, runs until stopped)
-    ├── reserve-tasks      (task, retries: a few tasks from the jobs next in fair order)
-    ├── inference-session  (subflow: a stretch of continuous GPU work)
-    │   ├── post-results   (task, retries + backoff: one batch's results, a request per job)
-    │   └── ...
-    ├── reserve-tasks ...
+    fair-worker (one run per worker; rolls over after max_runtime_s, a day by default)
+    ├── serve-window       (task: every reservation round and result post for up to window_s,
+    │                       each with its own retries; returns counts per job and retries taken)
+    ├── inference-session  (subflow: a stretch of continuous GPU work, at most session_max_s)
+    ├── serve-window ...
     ├── inference-session ...
     └── artifact: worker-<name>-jobs (per-job images, GPU seconds, share, throughput)
+
+What Prefect records grows with time, not images: a task run per window of
+steady work (none while idle), a subflow run per session, an artifact every
+few minutes: ~20 KB of Prefect database per task run, so with 30 s windows
+well under 100 MB per GPU-day at any image rate.
+
+Prefect is not the data plane: when its API cannot be reached, units of work
+run plainly (one warning line), sessions run without a subflow run, reports
+are dropped with a log line; the record resumes when the API answers.
+
+SIGTERM (a supervisor, ``kill``, or a cancel from the UI through the runner)
+stops the worker gracefully, as in plain runs: the batch in flight is
+finished and posted, the rest released, and the run ends Completed
+(Cancelled when the UI asked for it), never Crashed.
 
 Deploy it to a work pool with ``prefect deploy`` (see prefect.yaml) or run it
 directly: ``antenna-flows worker``.
@@ -15,19 +28,34 @@ directly: ``antenna-flows worker``.
 
 from __future__ import annotations
 
+import asyncio
+import contextvars
 import logging
+import os
+import signal
+import time
 from typing import Any, Awaitable, Callable
 
 import antenna_flows.prefect_env  # noqa: F401 - before prefect
 from prefect import flow, get_run_logger
-from prefect.tasks import exponential_backoff
+from prefect.context import FlowRunContext
+from prefect.exceptions import TerminationSignal
+from prefect.states import Cancelled
 
 from antenna_flows.models import load_model
+from antenna_flows.orchestration import backoff_delays
 from antenna_flows.settings import WorkerSettings
 from antenna_flows.worker import FairWorker
-from tasks.queue import reserve_tasks
+from tasks.queue import QUEUES, WINDOW_S, WorkQueue, jobs_of_label, serve_window
 from tasks.report import publish_job_table
-from tasks.results import post_results
+
+log = logging.getLogger(__name__)
+
+REPORT_EVERY_S = 300.0  # a running worker's table artifact at most this often (final: always)
+REPORT_TIMEOUT_S = 10.0  # an artifact write waits no longer (the API may be down)
+SESSION_START_GRACE_S = 5.0  # a session subflow not started by then runs without its record
+RESERVE_RETRIES = 3
+RESERVE_RETRY_DELAY_S = 0.1
 
 # Session bodies by worker name: a subflow's parameters are recorded by the
 # Prefect API, so the subflow receives names, not live objects.
@@ -38,38 +66,179 @@ _SESSIONS: dict[str, Callable[[], Awaitable[dict[str, Any]]]] = {}
       persist_result=False)
 async def inference_session(worker: str, number: int) -> dict[str, Any]:
     """A stretch of continuous GPU work for one worker: run batches and post them until idle or too long."""
+    take_over_sigterm()  # this subflow's engine re-armed Prefect's SIGTERM bridge: the worker's stop comes first
     summary = await _SESSIONS[worker]()
-    get_run_logger().info("session %d: %s", number, summary)
+    if not summary.get("skipped"):
+        get_run_logger().info("session %d: %s", number, summary)
     return summary
 
 
+# --- SIGTERM: the worker's graceful stop, not Prefect's crash --------------------------------
+
+_STOPPERS: dict[str, tuple[asyncio.AbstractEventLoop, Callable[[str], None]]] = {}
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    """Stop every worker of this process gracefully (runs in the main thread, between bytecodes)."""
+    reason = "SIGTERM (cancel requested)" if _cancel_intent() else "SIGTERM"
+    for loop, stop in list(_STOPPERS.values()):
+        loop.call_soon_threadsafe(stop, reason)
+
+
+def take_over_sigterm() -> None:
+    """Make SIGTERM stop the worker instead of raising Prefect's ``TerminationSignal``.
+
+    Prefect's flow engine installs a handler raising ``TerminationSignal``
+    (``prefect.utilities.engine.capture_sigterm``) when a flow run starts, and
+    every subflow re-installs it if someone replaced it: the worker's own
+    handler is then pre-empted and the run Crashes mid-batch. Called first
+    thing in the worker flow and in each session subflow, this puts the
+    graceful stop back; the engine restores it when a subflow ends.
+    """
+    try:
+        signal.signal(signal.SIGTERM, _on_sigterm)
+    except ValueError:  # not the main thread: the worker's loop handler (if any) is all there is
+        pass
+
+
+def _cancel_intent() -> bool:
+    """Did the runner say this SIGTERM is a cancel from the UI/API (its control channel)?"""
+    try:
+        from prefect._internal.control_listener import get_intent
+
+        return get_intent() == "cancel"
+    except Exception:  # noqa: BLE001 - private API: absent means no intent
+        return False
+
+
+async def _cancel_requested(flow_run_id: Any) -> bool:
+    if _cancel_intent():
+        return True
+    try:
+        from prefect.client.orchestration import get_client
+
+        async with get_client() as client:
+            run = await asyncio.wait_for(client.read_flow_run(flow_run_id), REPORT_TIMEOUT_S)
+        return bool(run.state and (run.state.is_cancelling() or run.state.is_cancelled()))
+    except Exception:  # noqa: BLE001
+        return False
+
+
+# --- the orchestrator -------------------------------------------------------------------------
+
+
 class PrefectOrchestrator:
-    """Sessions as subflow runs, reservations and posts as task runs, reports as table artifacts."""
+    """Windows of units as task runs, sessions as subflow runs, reports as table artifacts.
+
+    Construct it inside the worker's flow run: windows are recorded as its task runs.
+    """
 
     name = "prefect"
 
-    def __init__(self, settings: WorkerSettings):
+    def __init__(self, settings: WorkerSettings, window_s: float = WINDOW_S, report_every_s: float = REPORT_EVERY_S):
         self.worker = settings.worker_name
-        self._post = post_results.with_options(
-            retries=settings.post_retries,
-            retry_delay_seconds=exponential_backoff(settings.post_retry_delay_s)(settings.post_retries),
-        )
+        self.settings = settings
+        self.report_every_s = report_every_s
+        self.queue = WorkQueue(self.worker, window_s=window_s, open_window=self._open_window,
+                               context=contextvars.copy_context())
+        QUEUES[self.worker] = self.queue
+        self._last_report = 0.0
+        self._reporting: asyncio.Task[None] | None = None
+        self._late: set[asyncio.Task[Any]] = set()
+        self._session_warned = False
 
-    async def session(self, fn: Callable[[], Awaitable[dict[str, Any]]], number: int) -> dict[str, Any]:
-        _SESSIONS[self.worker] = fn
-        try:
-            return await inference_session(self.worker, number)
-        finally:
-            _SESSIONS.pop(self.worker, None)
+    async def _open_window(self, number: int) -> Any:
+        return await serve_window(self.worker, number, self.queue.window_s)
+
+    # --- units of work ---------------------------------------------------------------------
 
     async def reserve(self, fn: Callable[[dict[int, int]], Awaitable[int]], wants: dict[int, int]) -> int:
-        return await reserve_tasks(fn, wants)
+        label = "reserve " + ", ".join(f"job {j} x{n}" for j, n in wants.items())
+        return await self.queue.submit("reserve", lambda: fn(wants), backoff_delays(RESERVE_RETRIES, RESERVE_RETRY_DELAY_S),
+                                       label, dict(wants))
 
-    async def post(self, fn: Callable[[], Awaitable[None]], label: str) -> None:
-        await self._post(fn, label)
+    async def post(self, fn: Callable[[], Awaitable[None]], label: str, counts: dict[int, int] | None = None) -> None:
+        delays = backoff_delays(self.settings.post_retries, self.settings.post_retry_delay_s)
+        await self.queue.submit("post", fn, delays, label, dict(counts) if counts else jobs_of_label(label))
+
+    async def session(self, fn: Callable[[], Awaitable[dict[str, Any]]], number: int) -> dict[str, Any]:
+        """The session as a subflow run; run plainly if Prefect cannot start one in time, never twice."""
+        claim: dict[str, Any] = {}
+        started = asyncio.Event()
+
+        async def body() -> dict[str, Any]:
+            if "plain" in claim:  # started too late: the session already ran without its record
+                return {"session": number, "skipped": True}
+            claim["subflow"] = True
+            started.set()
+            claim["result"] = result = await fn()
+            return result
+
+        _SESSIONS[self.worker] = body
+        run = asyncio.create_task(self._subflow(number), name=f"{self.worker}-session-{number}")
+        waiter = asyncio.create_task(started.wait())
+        await asyncio.wait({run, waiter}, timeout=SESSION_START_GRACE_S, return_when=asyncio.FIRST_COMPLETED)
+        waiter.cancel()
+        if "subflow" in claim:
+            try:
+                return await run
+            except TerminationSignal:
+                # Prefect's bridge fired before this subflow's body re-armed ours; the engine re-sent
+                # the signal to the worker's handler, which is stopping the worker.
+                log.warning("worker %s: SIGTERM as session %d started; stopping gracefully", self.worker, number)
+                return {"session": number, "interrupted": True}
+            except Exception as exc:  # noqa: BLE001
+                if "result" in claim:  # the work is done; only its record failed
+                    self._warn_session(f"session {number} record failed: {exc!r}")
+                    return claim["result"]
+                raise
+        claim["plain"] = True
+        if run.done():
+            exc = run.exception()
+            if isinstance(exc, TerminationSignal):
+                return {"session": number, "interrupted": True}
+            self._warn_session(f"session {number} subflow failed to start: {exc!r}")
+        else:
+            self._warn_session(f"session {number} subflow not started within {SESSION_START_GRACE_S:g}s")
+            self._late.add(run)  # it will find the session claimed and end at once
+            run.add_done_callback(self._late.discard)
+        return await fn()
+
+    async def _subflow(self, number: int) -> dict[str, Any]:
+        return await inference_session(self.worker, number)
+
+    def _warn_session(self, why: str) -> None:
+        level = logging.DEBUG if self._session_warned else logging.WARNING
+        self._session_warned = True
+        log.log(level, "worker %s: Prefect record unavailable (%s): the work goes on without it", self.worker, why)
+
+    # --- reports ----------------------------------------------------------------------------
 
     async def report(self, worker: str, rows: list[dict[str, Any]], totals: dict[str, Any], final: bool) -> None:
-        await publish_job_table(worker, rows, totals, final)
+        """A table artifact every ``report_every_s`` while running and one at the end; never blocks the work."""
+        if final:
+            if self._reporting is not None:
+                self._reporting.cancel()
+            await self._publish(worker, rows, totals, final)
+            return
+        now = time.monotonic()
+        if now - self._last_report < self.report_every_s or self._reporting is not None:
+            return
+        self._last_report = now
+        self._reporting = asyncio.create_task(self._publish(worker, rows, totals, final))
+        self._reporting.add_done_callback(lambda _: setattr(self, "_reporting", None))
+
+    async def _publish(self, worker: str, rows: list[dict[str, Any]], totals: dict[str, Any], final: bool) -> None:
+        try:
+            await asyncio.wait_for(publish_job_table(worker, rows, totals, final), REPORT_TIMEOUT_S)
+        except Exception as exc:  # noqa: BLE001 - a lost report is a log line, not a stopped worker
+            log.warning("worker %s: job table not published (%r); the next one will be", worker, exc)
+
+    async def close(self) -> None:
+        await self.queue.close()
+        for run in list(self._late):
+            run.cancel()
+        QUEUES.pop(self.worker, None)
 
 
 async def _secret(block_name: str) -> str:
@@ -96,7 +265,9 @@ async def fair_worker(
     max_batch_size: int | None = None,
     max_runtime_s: float | None = None,
     settings_overrides: dict[str, Any] | None = None,
-) -> dict[str, Any]:
+    window_s: float | None = None,
+    rollover: bool = True,
+) -> Any:
     """Serve every incomplete job of these pipelines fairly on one GPU until stopped.
 
     Unset parameters come from the environment (``AMI_*``) and ``.env``; see
@@ -104,6 +275,10 @@ async def fair_worker(
     parameter (the Prefect API stores parameters): it comes from
     ``AMI_ANTENNA_API_TOKEN`` on the worker host or from the Prefect Secret
     block named by ``token_secret_block``.
+
+    ``window_s``: seconds of work one ``serve-window`` task run records (default 30).
+    ``rollover``: when ``max_runtime_s`` (default a day) ends a run of a deployment,
+    start the next run of it with the same parameters.
     """
     given = {
         "worker_name": worker_name,
@@ -121,8 +296,34 @@ async def fair_worker(
     quiet_task_run_logs()
     logger = get_run_logger()
     model = load_model(settings)
-    worker = FairWorker(settings, model, PrefectOrchestrator(settings))
+    orchestrator = PrefectOrchestrator(settings, window_s=window_s or WINDOW_S)
+    worker = FairWorker(settings, model, orchestrator)
+    loop = asyncio.get_running_loop()
+    _STOPPERS[settings.worker_name] = (loop, worker.stop)
+    take_over_sigterm()
     logger.info("worker %s starting (model %s, pipelines %s)", settings.worker_name, model.kind, sorted(worker.served))
-    totals = await worker.run()
+    try:
+        totals = await worker.run()
+    finally:
+        _STOPPERS.pop(settings.worker_name, None)
+        await orchestrator.close()
     logger.info("worker %s stopped (%s): %s", settings.worker_name, worker.stop_reason, totals)
+    run_context = FlowRunContext.get()
+    flow_run = run_context.flow_run if run_context else None
+    if worker.stop_reason.startswith("SIGTERM") and flow_run is not None and await _cancel_requested(flow_run.id):
+        return Cancelled(message=f"cancelled: batch in flight posted, the rest released; {totals}", data=totals)
+    if rollover and worker.stop_reason.startswith("max_runtime_s") and flow_run is not None and flow_run.deployment_id:
+        await _roll_over(flow_run, logger)
     return totals
+
+
+async def _roll_over(flow_run: Any, logger: Any) -> None:
+    """``max_runtime_s`` reached: start the next run of this deployment with the same parameters."""
+    from prefect.deployments import run_deployment
+
+    try:
+        nxt = await run_deployment(flow_run.deployment_id, parameters=dict(flow_run.parameters), timeout=0,
+                                   as_subflow=False, tags=list(flow_run.tags or []))
+        logger.info("rolled over: next run %s (%s) takes over", nxt.name, nxt.id)
+    except Exception as exc:  # noqa: BLE001
+        logger.error("rollover failed: could not start the next run: %r", exc)
