@@ -63,3 +63,25 @@ async def test_a_slow_save_within_ack_wait_causes_no_redelivery(stack_factory):
         job = await aadmin.job(job.id)
     assert (job.results, job.duplicates, job.redeliveries) == (8, 0, 0)
     assert worker.ledger.job(job.id).reanswered == 0
+
+
+async def test_an_idle_worker_polls_gently_and_still_joins_a_new_job_at_once(stack_factory):
+    """<= 0.25 requests per worker-second while idle; a new job joins within 1 s (JetStream advisory)."""
+    stack = stack_factory(ack_wait_s=5.0, max_deliver=2)
+    worker = worker_for(settings_for(stack, discovery_interval_s=4.0))  # the default poll interval
+    run = asyncio.create_task(worker.run())
+    try:
+        await asyncio.sleep(2.0)  # start-up: first poll done
+        stack.reset_request_counts()
+        await asyncio.sleep(8.0)
+        idle = stack.request_counts()
+        assert sum(idle.values()) <= 0.25 * 8.0, idle
+        submitted = asyncio.get_running_loop().time()
+        job = stack.create_job(PIPELINE, 1, job_id=804)
+        async with AsyncAntennaAdmin(stack.api_url, stack.token) as aadmin:
+            job = await aadmin.wait_final(job.id, timeout=10)
+        assert job.status == "SUCCESS"
+        assert asyncio.get_running_loop().time() - submitted < 1.5  # joined at once, not at the next poll
+    finally:
+        worker.stop()
+        await run
