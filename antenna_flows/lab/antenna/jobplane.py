@@ -402,7 +402,9 @@ class JobPlane:
         """Antenna's ``process_nats_pipeline_result``: save, then ack; any failure leaves the message unacked."""
         now = time.monotonic()
         if now < self._slow_saves_until and self._slow_saves_delay_s > 0:
-            await asyncio.sleep(self._slow_saves_delay_s)
+            # Latency, not throughput: a save lands delay_s after it was queued (a backlog of that age),
+            # so the save workers are not turned into a 1/delay_s bottleneck.
+            await asyncio.sleep(max(0.0, item.queued_at + self._slow_saves_delay_s - now))
         if time.monotonic() < self._fail_saves_until and self._rng.random() < self._fail_saves_fraction:
             raise SaveFailed("injected save fault", logging.INFO)
         job = self.store.job(item.job_id)
