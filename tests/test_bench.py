@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from antenna_flows.lab.bench.bench import Scenario
-
-pytestmark = pytest.mark.slow
+from antenna_flows.lab.bench.compare import small_job_latency, summarize
+from antenna_flows.lab.bench.faults import FAULT_SCENARIOS, time_to_recover
 
 SCENARIO = {
     "name": "tiny",
@@ -32,11 +32,28 @@ SCENARIO = {
 
 REPORT_KEYS = {
     "scenario", "strategy", "workers", "startup_s", "makespan_s", "images_per_s", "ideal_makespan_s",
-    "redeliveries", "duplicate_results", "lost", "errors", "max_reserved_idle_s", "jobs",
+    "ideal_makespan_model_s", "redeliveries", "duplicate_results", "lost", "errors", "dead_lettered",
+    "max_reserved_idle_s", "prefect", "api_requests", "worker_rss_mb", "worker_open_fds", "transport",
+    "drain_start_phase_s", "faults", "answers_per_s", "jobs",
 }
-JOB_KEYS = {"id", "images", "results", "errors", "submitted_s", "first_result_s", "completed_s", "redelivered", "duplicates"}
+JOB_KEYS = {"id", "images", "results", "errors", "dead_lettered", "submitted_s", "first_result_s", "completed_s",
+            "redelivered", "duplicates"}
 
 
+def run_cli_bench(tmp_path: Path, scenario: dict, *args: str) -> dict:
+    path = tmp_path / "scenario.json"
+    path.write_text(json.dumps(scenario))
+    out = tmp_path / "report.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "antenna_flows.cli", "--log-level", "WARNING", "bench", "--scenario", str(path),
+         *args, "--json", str(out)],
+        capture_output=True, text=True, timeout=240,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return json.loads(out.read_text())
+
+
+@pytest.mark.slow
 def test_bench_runs_a_scenario_and_reports_per_the_shared_format(tmp_path: Path) -> None:
     scenario = tmp_path / "tiny.json"
     scenario.write_text(json.dumps(SCENARIO))
@@ -60,13 +77,106 @@ def test_bench_runs_a_scenario_and_reports_per_the_shared_format(tmp_path: Path)
     assert 0 < report["ideal_makespan_s"] <= report["makespan_s"] + 0.5
     assert report["max_reserved_idle_s"] <= SCENARIO["queue"]["ack_wait_s"] / 2
     assert jobs[1]["completed_s"] <= report["makespan_s"] and jobs[2]["first_result_s"] >= jobs[2]["submitted_s"]
+    # the contract's additions
+    assert report["prefect"] is None and report["transport"] == "nats" and report["drain_start_phase_s"] is None
+    assert report["dead_lettered"] == 0
+    # from the scenario alone: 44 good images of jobs 1 and 2 (job 3 is cancelled), 11 batches of 4, 2 workers
+    assert report["ideal_makespan_model_s"] == pytest.approx((44 * 0.01 + 11 * 0.01) / 2, abs=1e-3)
+    requests = report["api_requests"]
+    assert set(requests) == {"jobs", "tasks", "result", "other"}
+    assert requests["result"] > 0 and requests["jobs"] > 0 and requests["tasks"] == 0  # NATS transport
+    assert [r["worker"] for r in report["worker_rss_mb"]] == [0, 1]
+    for r in report["worker_rss_mb"]:
+        assert 10 < r["first"] <= r["peak"] and r["last"] <= r["peak"]
+    assert all(r["start"] > 0 and r["end"] > 0 for r in report["worker_open_fds"])
+    assert sum(report["answers_per_s"]) == sum(j["results"] + j["errors"] for j in report["jobs"])
+    assert [f["action"] for f in report["faults"]] == ["cancel_job"]
+
+
+DRAIN_SCENARIO = {
+    **SCENARIO,
+    "name": "tiny-drain",
+    "seed": 3,
+    "jobs": [{"id": 1, "images": 30, "pipeline": "panama_moths_2024", "submit_at_s": 0.0,
+              "bad_images": {"missing": 1, "corrupt": 1}}],
+    "faults": [],
+}
+
+
+@pytest.mark.slow
+def test_drain_baseline_starts_inside_its_idle_sleep_and_uses_rest(tmp_path: Path) -> None:
+    report = run_cli_bench(tmp_path, DRAIN_SCENARIO, "--strategy", "drain", "--orchestration", "plain")
+    phases = report["drain_start_phase_s"]
+    assert phases == Scenario.model_validate(DRAIN_SCENARIO).drain_phases(5.0)  # seeded: reproducible
+    assert len(phases) == 2 and all(0 <= p < 5.0 for p in phases)
+    assert report["transport"] == "rest" and report["api_requests"]["tasks"] > 0
+    job = report["jobs"][0]
+    assert (job["results"], job["errors"]) == (28, 2) and report["lost"] == 0
+    # the first poll comes after the rest of the sleep the earliest worker was in, not a full 5 s
+    assert job["first_result_s"] < 5.0 - max(phases) + 2.0
+
+
+@pytest.mark.slow
+def test_fair_rest_transport_from_the_command_line(tmp_path: Path) -> None:
+    sc = {**DRAIN_SCENARIO, "name": "tiny-rest"}
+    report = run_cli_bench(tmp_path, sc, "--strategy", "fair", "--orchestration", "plain", "--transport", "rest")
+    assert report["transport"] == "rest" and report["api_requests"]["tasks"] > 0
+    assert report["lost"] == 0 and report["jobs"][0]["results"] == 28
+
+
+def test_small_job_that_never_completed_counts_as_the_worst() -> None:
+    report = {"time_limit_s": 60, "wall_s": 60.2, "jobs": [
+        {"id": 1, "images": 10, "submitted_s": 0.0, "completed_s": 1.5},
+        {"id": 2, "images": 10, "submitted_s": 5.0, "completed_s": None},
+        {"id": 3, "images": 8, "submitted_s": 1.0, "completed_s": None, "cancelled": True},
+        {"id": 4, "images": 500, "submitted_s": 0.0, "completed_s": 30.0},
+    ]}
+    assert small_job_latency(report, 10) == [1.5, 55.2]
+    summary = summarize([{**report, "makespan_s": 30.0, "ideal_makespan_s": 20.0, "images_per_s": 1.0,
+                          "redeliveries": 0, "duplicate_results": 0, "lost": 10, "max_reserved_idle_s": 0.1,
+                          "startup_s": 1.0}], 10, 60)
+    assert summary["small_jobs_worst_s"] == 55.2 and summary["small_jobs_incomplete"] == 1
+
+
+def test_ideal_makespan_from_the_scenario_alone() -> None:
+    sc = Scenario.model_validate({
+        "workers": 2, "model": {"kind": "sim", "seconds_per_image": 0.1, "seconds_per_batch": 0.5},
+        "drain": {"batch_size": 8},
+        "jobs": [{"id": 1, "images": 20, "bad_images": {"missing": 2}},
+                 {"id": 2, "images": 5, "pipeline": "quebec_vermont_moths_2023"},
+                 {"id": 3, "images": 100}],
+        "faults": [{"at_s": 1, "action": "cancel_job", "job": 3}],
+    })
+    # 18 + 5 images; batches hold one pipeline: ceil(18/8) + ceil(5/8) = 4
+    assert sc.ideal_makespan_model_s() == pytest.approx((23 * 0.1 + 4 * 0.5) / 2)
+    assert Scenario.model_validate({"model": {"kind": "ami"}}).ideal_makespan_model_s() is None
+
+
+def test_time_to_recover() -> None:
+    steady = [50] * 10
+    assert time_to_recover(steady, 4.0, 50.0) == 0.0
+    dipped = [50, 50, 50, 50, 10, 0, 20, 45, 50, 50, 50, 12]
+    assert time_to_recover(dipped, 4.0, 50.0) == 3.0
+    never = [50, 50, 50, 50, 10, 10, 10, 10, 10]
+    assert time_to_recover(never, 4.0, 50.0) is None
+
+
+def test_fault_scenarios_are_one_mix_with_one_fault_each() -> None:
+    bundled = Path(__file__).resolve().parents[1] / "antenna_flows" / "lab" / "bench" / "scenarios"
+    base = Scenario.load(bundled / "faults-none.json")
+    assert not base.faults
+    for name in FAULT_SCENARIOS:
+        sc = Scenario.load(bundled / f"{name}.json")
+        assert sc.queue.max_deliver >= 3 and sc.workers == base.workers
+        assert [j.images for j in sc.jobs] == [j.images for j in base.jobs], name
+        assert len(sc.faults) == (0 if name == "faults-bad-images" else 1), name
 
 
 def test_every_shared_scenario_parses() -> None:
     shared = Path(__file__).resolve().parents[2] / "shared" / "bench"
-    bundled = Path(__file__).resolve().parents[1] / "antenna_flows" / "scenarios"
+    bundled = Path(__file__).resolve().parents[1] / "antenna_flows" / "lab" / "bench" / "scenarios"
     files = sorted(bundled.glob("*.json")) + sorted(shared.glob("*.json"))
-    assert len(files) >= 4
+    assert len(list(bundled.glob("*.json"))) >= 15
     for path in files:
         scenario = Scenario.load(path)
         assert scenario.jobs and scenario.workers >= 1, path

@@ -401,10 +401,11 @@ class Bench:
                 nats_max_ack_pending=sc.queue.max_ack_pending, nats_store_dir=out_dir / "nats",
             )
             api = ApiSettings(api_port=0, data_dir=out_dir / "api")
-            dev = DevStack(queue, api, **_reaper_options(DevStack))
+            # The dead-letter reaper on: a task that ran out of max_deliver gets an error result marked
+            # dead_lettered (reported apart), so its job ends instead of waiting out the time limit.
+            dev = DevStack(queue, api, reap_dead_letters=True, seed=sc.seed)
             dev.start()
             stack.callback(dev.stop)
-            _enable_reaper(dev)
             admin = AntennaAdmin(dev.api_url, dev.token)
             stack.callback(admin.close)
             prefect_url = None
@@ -440,6 +441,10 @@ class Bench:
                 procs = sampler.stop()
             finished_at = time.time()
             requests_after = _request_counts(dev)
+            try:
+                dev.wait_saved(5.0)  # results the API accepted are in the store before it is read
+            except Exception as exc:  # noqa: BLE001
+                log.warning("bench: background saves still pending: %s", exc)
             jobs = {j.id: j.model_dump() for j in _retrying(admin.jobs)}
             answers = self._answers(dev, t0)
             for thread in self._fault_threads:  # a Prefect outage still under way ends before the workers stop
@@ -726,6 +731,7 @@ class Bench:
             "dead_lettered": sum(r["dead_lettered"] for r in rows),
             "max_reserved_idle_s": _r(max_idle),
             "slot_seconds": _r(slot_s), "inferred_images": inferred, "ack_wait_s": sc.queue.ack_wait_s,
+            "time_limit_s": sc.time_limit_s,
             "drain_start_phase_s": self._phases, "seed": sc.seed,
             "faults": self._fault_log,
             "answers_per_s": answers["per_s"],
@@ -736,28 +742,8 @@ class Bench:
 DEFAULT_DRAIN_SLEEP_S = 5.0  # DrainSettings.drain_idle_sleep_s (upstream SLEEP_TIME_SECONDS)
 
 
-def _reaper_options(stack_type: type) -> dict[str, Any]:
-    """Turn the local API's dead-letter reaper on where the DevStack offers it: a task that ran out
-    of max_deliver then gets a marked error result (reported as ``dead_lettered``), so its job ends."""
-    import inspect
-
-    params = inspect.signature(stack_type.__init__).parameters
-    return {name: True for name in params if "reap" in name}
-
-
-def _enable_reaper(dev: DevStack) -> None:
-    for name in ("enable_reaper", "enable_dead_letter_reaper"):
-        method = getattr(dev, name, None)
-        if callable(method):
-            method()
-            return
-
-
 def _devstack_call(dev: DevStack, name: str, *args: Any) -> None:
-    method = getattr(dev, name, None)
-    if method is None:
-        raise RuntimeError(f"this DevStack has no {name}() (fault not supported by the local API yet)")
-    method(*args)
+    getattr(dev, name)(*args)
 
 
 def _request_counts(dev: DevStack) -> dict[str, int] | None:

@@ -24,23 +24,41 @@ def _median(values: list[float | None]) -> float | None:
     return round(statistics.median(present), 3) if present else None
 
 
-def small_job_latency(report: dict[str, Any], max_images: int) -> list[float | None]:
-    """Completion time since submission of each job with at most ``max_images`` images."""
+def small_job_latency(report: dict[str, Any], max_images: int, time_limit_s: float | None = None) -> list[float]:
+    """Completion time since submission of each job with at most ``max_images`` images.
+
+    A job that never completed (images lost, or the time limit hit) counts as the worst there
+    is: the time from its submission to the run's limit (``time_limit_s``, else the run's wall
+    time), a lower bound on its real latency, never dropped. Cancelled jobs are left out.
+    """
+    limit = time_limit_s if time_limit_s is not None else report.get("time_limit_s") or report.get("wall_s") or 0.0
     out = []
     for job in report["jobs"]:
-        if job["images"] <= max_images:
-            done, sub = job["completed_s"], job["submitted_s"]
-            out.append(None if done is None or sub is None else round(done - sub, 3))
+        if job["images"] > max_images or job.get("cancelled"):
+            continue
+        done, sub = job["completed_s"], job["submitted_s"]
+        if done is None or sub is None:
+            out.append(round(max(limit, report.get("wall_s") or 0.0) - (sub or 0.0), 3))
+        else:
+            out.append(round(done - sub, 3))
     return out
 
 
-def summarize(reports: list[dict[str, Any]], small: int) -> dict[str, Any]:
-    lat = [small_job_latency(r, small) for r in reports]
-    worst_small = [max((v for v in run if v is not None), default=None) for run in lat]
+def incomplete_small_jobs(report: dict[str, Any], max_images: int) -> int:
+    return sum(1 for j in report["jobs"] if j["images"] <= max_images and not j.get("cancelled")
+               and j["completed_s"] is None)
+
+
+def summarize(reports: list[dict[str, Any]], small: int, time_limit_s: float | None = None) -> dict[str, Any]:
+    lat = [small_job_latency(r, small, time_limit_s) for r in reports]
+    worst_small = [max(run, default=None) for run in lat]
     return {
         "runs": len(reports),
         "makespan_s": _median([r["makespan_s"] for r in reports]),
         "ideal_makespan_s": _median([r["ideal_makespan_s"] for r in reports]),
+        "ideal_makespan_model_s": _median([r.get("ideal_makespan_model_s") for r in reports]),
+        "dead_lettered": max(r.get("dead_lettered", 0) for r in reports),
+        "small_jobs_incomplete": sum(incomplete_small_jobs(r, small) for r in reports),
         "images_per_s": _median([r["images_per_s"] for r in reports]),
         "redeliveries": _median([r["redeliveries"] for r in reports]),
         "duplicate_results": _median([r["duplicate_results"] for r in reports]),
@@ -70,17 +88,22 @@ def compare(scenario: Scenario, fair_runs: int = 2, drain_runs: int = 3, small: 
             label, strategy, orchestration = plan[i]
             n = len(reports[label])
             options = BenchOptions(strategy=strategy, orchestration=orchestration,  # type: ignore[arg-type]
-                                   out_dir=base / f"{label}-{n}", prefect_api_url=prefect_url)
+                                   out_dir=base / f"{label}-{n}", prefect_api_url=prefect_url,
+                                   prefect_server=None if os.environ.get("PREFECT_API_URL") else server)
             reports[label].append(run_bench(scenario, options))
     finally:
         server.stop()
-    summary = {label: summarize(rs, small) for label, rs in reports.items() if rs}
+    summary = {label: summarize(rs, small, scenario.time_limit_s) for label, rs in reports.items() if rs}
     fair, plain, drain = summary.get("fair-prefect"), summary.get("fair-plain"), summary.get("drain-plain")
     ratios: dict[str, float | None] = {}
     if fair and drain and drain["images_per_s"]:
         ratios["fair_vs_drain_images_per_s"] = round(fair["images_per_s"] / drain["images_per_s"], 3)
     if fair and fair["ideal_makespan_s"]:
         ratios["fair_makespan_vs_ideal"] = round(fair["makespan_s"] / fair["ideal_makespan_s"], 3)
+    if fair and fair.get("ideal_makespan_model_s"):
+        ratios["fair_makespan_vs_model_ideal"] = round(fair["makespan_s"] / fair["ideal_makespan_model_s"], 3)
+    if drain and drain.get("ideal_makespan_model_s"):
+        ratios["drain_makespan_vs_model_ideal"] = round(drain["makespan_s"] / drain["ideal_makespan_model_s"], 3)
     if fair and plain and plain["makespan_s"]:
         ratios["prefect_vs_plain_makespan"] = round(fair["makespan_s"] / plain["makespan_s"], 3)
     if fair and drain and fair["small_jobs_worst_s"] and drain["small_jobs_worst_s"]:
@@ -99,14 +122,15 @@ def compare(scenario: Scenario, fair_runs: int = 2, drain_runs: int = 3, small: 
 
 
 def format_comparison(result: dict[str, Any]) -> str:
-    rows = ["variant", "runs", "makespan_s", "ideal_makespan_s", "images_per_s", "redeliveries",
-            "duplicate_results", "lost", "max_reserved_idle_s", "small_jobs_worst_s"]
+    rows = ["variant", "runs", "makespan_s", "ideal_makespan_s", "ideal_makespan_model_s", "images_per_s",
+            "redeliveries", "duplicate_results", "lost", "dead_lettered", "max_reserved_idle_s", "small_jobs_worst_s",
+            "small_jobs_incomplete"]
     labels = list(result["summary"])
     width = 20
     lines = [f"{result['scenario']} on {result['machine']} ({result['date']} UTC, {result['wall_s']} s)", ""]
     lines.append(f"{'':<22}" + "".join(f"{label:>{width}}" for label in labels))
     for key in rows[1:]:
-        lines.append(f"{key:<22}" + "".join(f"{str(result['summary'][label][key]):>{width}}" for label in labels))
+        lines.append(f"{key:<22}" + "".join(f"{str(result['summary'][label].get(key)):>{width}}" for label in labels))
     lines.append("")
     for key, value in result["ratios"].items():
         lines.append(f"{key:<36} {value}")
