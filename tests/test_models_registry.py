@@ -21,7 +21,7 @@ TURING = ("costa_rica_moths_turing_2024", "anguilla_moths_turing_2024", "kenya-u
 
 
 def test_slugs_are_the_upstream_ones() -> None:
-    assert set(pipeline_slugs()) == {*SPECIES_2024, *TURING, "moth_binary", "insect_orders_2025"}
+    assert set(pipeline_slugs()) == {"panama_moths_2023", *SPECIES_2024, *TURING, "moth_binary", "insect_orders_2025"}
     assert pipeline_slugs() == list(PIPELINES)
     assert all(spec.slug == slug for slug, spec in PIPELINES.items())
     with pytest.raises(KeyError, match="unknown pipeline 'nope'"):

@@ -160,6 +160,17 @@ def _turing(name: str, description: str, weights: str, labels: str) -> Classifie
 
 
 SPECIES: dict[str, ClassifierSpec] = {
+    # upstream MothClassifierPanama = PanamaMothSpeciesClassifierMixedResolution2023 on
+    # Resnet50ClassifierLowRes: torchvision ResNet-50 (fc replaced), 128 px, ImageNet normalisation
+    "panama_moths_2023": ClassifierSpec(
+        name="Panama Species Classifier 2023",
+        description="Trained on November 11th, 2023 using a corrected species list of 1060 classes.",
+        architecture="torchvision_resnet50",
+        weights=RemoteFile(_classification("panama_resetnet50_best_5aeb515a.pth")),
+        labels=RemoteFile(_classification("03_moths_centralAmerica_category_map-202311110-with-names.json")),
+        input_size=128,
+        num_classes=1060,
+    ),
     "panama_moths_2024": _gbif_resnet(
         "Panama Species Classifier - Apr 2024",
         "Trained on April 17, 2024 for 636 species. https://wandb.ai/moth-ai/ami-gbif-fine-grained/runs/1sekgkan/overview",
