@@ -6,7 +6,9 @@ loaded. Results are upstream's, field for field: one ``PipelineResultsResponse``
 each detection carries the moth filter's classification (terminal=false in species
 pipelines), and moths also the terminal classifier's; every classification holds the full
 softmax ``scores`` and ``logits`` in class-index order with ``labels`` omitted (Antenna takes
-them from the registered category map).
+them from the registered category map). ``scores``/``logits`` are float32 numpy rows, not
+lists: serialise results with :func:`antenna_flows.results_codec.dumps` (pydantic's own
+``model_dump_json`` also works, at the cost of a Python float per value).
 """
 
 from __future__ import annotations
@@ -185,17 +187,18 @@ def _reference(spec: Any) -> AlgorithmReference:
 
 def _classifications(stage: StageOutput, labels: list[str], algorithm: AlgorithmReference, terminal: bool,
                      seconds_per_crop: float) -> list[ClassificationResponse]:
-    """One response per crop. Built without re-validation: the full score/logit vectors (29k
-    floats for the global model) are already floats, and validating them would cost more than
-    the GPU work."""
+    """One response per crop, holding its row of the stage's float32 arrays (a view: no copy, no
+    Python float per class). Built without re-validation: 29k scores per crop for the global
+    model; :mod:`antenna_flows.results_codec` writes them as JSON straight from the arrays."""
     now = utcnow()
-    best = stage.scores.argmax(1).tolist()
+    scores, logits = stage.scores.numpy(), stage.logits.numpy()
+    best = scores.argmax(1).tolist() if len(scores) else []
     return [
         ClassificationResponse.model_construct(
-            classification=labels[b], labels=None, scores=scores, logits=logits,
+            classification=labels[b], labels=None, scores=scores[i], logits=logits[i],
             inference_time=seconds_per_crop, algorithm=algorithm, terminal=terminal, timestamp=now,
         )
-        for b, scores, logits in zip(best, stage.scores.tolist(), stage.logits.tolist())
+        for i, b in enumerate(best)
     ]
 
 

@@ -209,13 +209,16 @@ class Engine:
         return list(boxes.split(counts))
 
     def classify(self, classifier: LoadedClassifier, crops: torch.Tensor) -> StageOutput:
-        """Logits and softmax scores (CPU, float32) for (n, 3, S, S) normalised crops."""
+        """Logits and softmax scores (CPU, float32, C-contiguous) for (n, 3, S, S) normalised crops.
+
+        Both leave the device in one copy for the whole batch (never per crop): results are
+        built from row views of these arrays and serialised from them as they are."""
         if len(crops) == 0:
             empty = torch.empty((0, len(classifier.labels)))
             return StageOutput(empty, empty)
         logits = torch.cat([classifier.module(chunk) for chunk in crops.split(self.classify_chunk)]).float()
-        scores = torch.softmax(logits, dim=1)
-        return StageOutput(logits.cpu(), scores.cpu())
+        both = torch.stack((logits, torch.softmax(logits, dim=1))).cpu()
+        return StageOutput(both[0], both[1])
 
     def _sync(self) -> None:
         if self.device.type == "cuda":
