@@ -23,7 +23,7 @@ from typing import Any
 import httpx
 from pydantic import ValidationError
 
-from antenna_flows import __version__
+from antenna_flows import __version__, results_codec
 from antenna_flows.schemas import (
     JobListItem,
     PipelineConfigResponse,
@@ -175,7 +175,7 @@ class AntennaClient:
         response = await self._request(
             "POST",
             f"/jobs/{job_id}/result/",
-            content=body.model_dump_json(),
+            content=results_codec.dumps(body),  # score/logit arrays written without a Python float each
             headers={"Content-Type": "application/json"},
         )
         try:
