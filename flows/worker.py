@@ -318,12 +318,20 @@ async def fair_worker(
 
 
 async def _roll_over(flow_run: Any, logger: Any) -> None:
-    """``max_runtime_s`` reached: start the next run of this deployment with the same parameters."""
+    """``max_runtime_s`` reached: start the next run of this deployment with the same parameters.
+
+    Not for a fleet slot's run (tag ``fleet``): the fleet keeper starts the next one when this
+    one Completes (flows/fleet.py), and two would compete for the slot.
+    """
     from prefect.deployments import run_deployment
 
+    if "fleet" in (flow_run.tags or []):
+        logger.info("rollover: the fleet keeper starts this slot's next run")
+        return
     try:
         nxt = await run_deployment(flow_run.deployment_id, parameters=dict(flow_run.parameters), timeout=0,
-                                   as_subflow=False, tags=list(flow_run.tags or []))
+                                   as_subflow=False, tags=list(flow_run.tags or []),
+                                   work_queue_name=flow_run.work_queue_name, flow_run_name=flow_run.name)
         logger.info("rolled over: next run %s (%s) takes over", nxt.name, nxt.id)
     except Exception as exc:  # noqa: BLE001
         logger.error("rollover failed: could not start the next run: %r", exc)
