@@ -128,6 +128,11 @@ class WorkerSettings(BaseSettings):
     sim_seconds_per_batch: float = Field(0.02, ge=0, description="sim model: fixed slot seconds per batch.")
 
     max_batch_size: int = Field(8, ge=1, description="Largest GPU batch (images from any jobs of one pipeline).")
+    slots: int = Field(
+        1, ge=1, le=8,
+        description="Inference slots per GPU: batches in flight at once, so the GPU runs one while the CPU turns "
+        "another into results (the scheduler and the reservation budget count slots).",
+    )
     prefetch_batches: int = Field(
         1, ge=1, description="Batches reserved and decoded ahead of the slot (within the reservation cap)."
     )

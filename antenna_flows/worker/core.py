@@ -83,8 +83,10 @@ class FairWorker:
         self.jobs: dict[int, JobInfo] = {}
         self.client: AntennaClient | None = None
         self.loader: ImageLoader | None = None
-        self.inference = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"slot-{self.name}")
-        self.running: slot.RunningBatch | None = None
+        # One thread per inference slot: ``slots`` batches in flight on one GPU.
+        self.inference = [ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"slot{i}-{self.name}")
+                          for i in range(settings.slots)]
+        self.running: dict[int, slot.RunningBatch] = {}  # by slot
         self.stopping = asyncio.Event()
         self.wake_reserver = asyncio.Event()
         self.pool_changed = asyncio.Event()
@@ -186,7 +188,7 @@ class FairWorker:
         explicit = set(self.settings.pipelines)
         for pipeline in sorted(self.served):
             try:
-                await loop.run_in_executor(self.inference, self.model.load, pipeline)
+                await loop.run_in_executor(self.inference[0], self.model.load, pipeline)
             except (FileNotFoundError, UnknownPipeline) as exc:
                 if pipeline in explicit:
                     raise FatalWorkerError(f"pipeline {pipeline} cannot be served: {exc}") from exc
@@ -199,7 +201,7 @@ class FairWorker:
             task = PipelineProcessingTask(id="warmup", image_id="warmup", image_url="warmup")
             warmup = ImageInput(task, self.model.warmup_input())
             started = self.clock()
-            await loop.run_in_executor(self.inference, self.model.predict, pipeline, [warmup])
+            await loop.run_in_executor(self.inference[0], self.model.predict, pipeline, [warmup])
             seconds = self.clock() - started
             self.cost.seed(pipeline, seconds)
             log.info("worker %s: %s loaded; warm-up image took %.2fs", self.name, pipeline, seconds)
@@ -213,7 +215,8 @@ class FairWorker:
             await self.client.aclose()
         if self.transport:
             await self.transport.close()
-        self.inference.shutdown(wait=False, cancel_futures=True)
+        for executor in self.inference:
+            executor.shutdown(wait=False, cancel_futures=True)
         self.metrics.close()
         self.model.close()
 
@@ -246,8 +249,9 @@ class FairWorker:
     # --- shared estimates -------------------------------------------------------------
 
     def per_image_s(self) -> float:
+        """Seconds between image starts: the slowest served pipeline's cost, spread over the slots."""
         pipelines = {info.pipeline for info in self.jobs.values()} or {""}
-        return max(self.cost.per_image(p) for p in pipelines)
+        return max(self.cost.per_image(p) for p in pipelines) / self.settings.slots
 
     def ack_wait_s(self, job_id: int | None = None) -> float:
         info = self.jobs.get(job_id) if job_id is not None else None

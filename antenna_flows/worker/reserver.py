@@ -48,12 +48,11 @@ async def loop(w: "FairWorker") -> None:
 
 
 def busy_for_s(w: "FairWorker") -> float:
-    """How long the slot is still expected to be busy with the batch it runs."""
-    running = w.running
-    if running is None:
+    """How long until a slot frees: 0 if one is idle, else the soonest expected end of a running batch."""
+    if len(w.running) < w.settings.slots:
         return 0.0
-    expected = running.size * w.cost.per_image(running.pipeline)
-    return max(0.0, expected - (w.clock() - running.started))
+    now = w.clock()
+    return max(0.0, min(b.size * w.cost.per_image(b.pipeline) - (now - b.started) for b in w.running.values()))
 
 
 def batch_limit(w: "FairWorker") -> int:

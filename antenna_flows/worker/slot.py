@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -43,8 +44,9 @@ async def session(w: "FairWorker") -> dict[str, Any]:
     before = w.ledger.totals()
     w.ready("session")
     posting = poster.Posters(w)
+    deadline = started + w.settings.session_max_s
     try:
-        await _run_batches(w, posting, started + w.settings.session_max_s)
+        await asyncio.gather(*(_run_batches(w, posting, deadline, i) for i in range(w.settings.slots)))
     finally:
         await posting.close()
     after = w.ledger.totals()
@@ -58,7 +60,8 @@ async def session(w: "FairWorker") -> dict[str, Any]:
     }
 
 
-async def _run_batches(w: "FairWorker", posting: "poster.Posters", deadline: float) -> None:
+async def _run_batches(w: "FairWorker", posting: "poster.Posters", deadline: float, index: int) -> None:
+    """One slot's loop (``slots`` of them share the store; taking a batch never awaits, so none overlap)."""
     idle_since = w.clock()
     thin_since: float | None = None  # when the slot last found too little ready to fill a batch
     while not w.stopping.is_set() and w.clock() < deadline:
@@ -82,15 +85,17 @@ async def _run_batches(w: "FairWorker", posting: "poster.Posters", deadline: flo
             await asyncio.sleep(0.01)
             continue
         batch = [held for job_id, n in counts.items() for held in w.store.take_ready(job_id, n)]
-        await run_batch(w, pipeline, counts, batch)
+        await run_batch(w, pipeline, counts, batch, index)
         await posting.put(batch)
         w.maybe_report()
         idle_since = w.clock()
 
 
-async def run_batch(w: "FairWorker", pipeline: str, counts: dict[int, int], batch: list[HeldTask]) -> None:
-    """Run one batch on the slot; every task leaves with ``held.result`` set and state POSTING."""
-    w.running = RunningBatch(pipeline, len(batch), w.clock())
+async def run_batch(w: "FairWorker", pipeline: str, counts: dict[int, int], batch: list[HeldTask],
+                    index: int = 0) -> None:
+    """Run one batch on slot ``index``; every task leaves with ``held.result`` set and state POSTING."""
+    w.running[index] = RunningBatch(pipeline, len(batch), w.clock())
+    executor = w.inference[index]
     w.wake_reserver.set()  # room in the pool: reserve the batch after this one now
     loop = asyncio.get_running_loop()
     inputs: list[tuple[HeldTask, ImageInput]] = []
@@ -103,7 +108,7 @@ async def run_batch(w: "FairWorker", pipeline: str, counts: dict[int, int], batc
             inputs.append((held, ImageInput(held.r.task, image_or_error)))
     if pipeline not in w.loaded and inputs:
         try:
-            await loop.run_in_executor(w.inference, w.model.load, pipeline)
+            await loop.run_in_executor(executor, w.model.load, pipeline)
             w.loaded.add(pipeline)
         except UnknownPipeline:
             for held, item in inputs:
@@ -115,11 +120,11 @@ async def run_batch(w: "FairWorker", pipeline: str, counts: dict[int, int], batc
     for held in batch:
         idle[held.job_id] = max(idle.get(held.job_id, 0.0), started - held.r.reserved_at)
     if inputs:
-        outputs = await _predict(w, pipeline, [item for _, item in inputs])
+        outputs = await _predict(w, executor, pipeline, [item for _, item in inputs])
         for (held, _), output in zip(inputs, outputs):
             held.result = output
     seconds = w.clock() - started
-    w.running = None
+    del w.running[index]
     shares = w.scheduler.finish_batch(ticket, seconds)
     if inputs:
         w.cost.observe(pipeline, len(inputs), seconds)
@@ -147,17 +152,17 @@ async def _image_of(w: "FairWorker", held: HeldTask) -> Any:
         return PipelineResultsError(error=f"image load failed: {exc!r}", image_id=r.task.image_id)
 
 
-async def _predict(w: "FairWorker", pipeline: str, inputs: list[ImageInput]) -> list[Result]:
+async def _predict(w: "FairWorker", executor: Executor, pipeline: str, inputs: list[ImageInput]) -> list[Result]:
     """Run the batch; if the batch as a whole fails, retry image by image so one bad input fails alone."""
     loop = asyncio.get_running_loop()
     try:
-        return list(await loop.run_in_executor(w.inference, w.model.predict, pipeline, inputs))
+        return list(await loop.run_in_executor(executor, w.model.predict, pipeline, inputs))
     except Exception as exc:  # noqa: BLE001
         log.warning("worker %s: batch of %d (%s) failed: %r; retrying image by image", w.name, len(inputs), pipeline, exc)
     outputs: list[Result] = []
     for item in inputs:
         try:
-            outputs.extend(await loop.run_in_executor(w.inference, w.model.predict, pipeline, [item]))
+            outputs.extend(await loop.run_in_executor(executor, w.model.predict, pipeline, [item]))
         except Exception as exc:  # noqa: BLE001
             outputs.append(PipelineResultsError(error=f"inference failed: {exc!r}", image_id=item.task.image_id))
     return outputs
