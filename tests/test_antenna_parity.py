@@ -246,3 +246,16 @@ def test_slow_api_delays_every_answer(stack: Any, api: httpx.Client) -> None:
     started = time.monotonic()
     api.get("jobs/")
     assert time.monotonic() - started < 0.3
+
+
+async def test_results_for_no_image_of_the_job(stack_factory, nats_queue: JobStreams) -> None:
+    """A success naming no image of the job fails its save (not acked); an error result for none is acked, not stored."""
+    stack = stack_factory(ack_wait_s=5.0)
+    api = stack.admin.client
+    job = stack.create_job(PIPELINE, 3)
+    first, second, _ = reserve(api, job.id, 3)
+    stranger = {**first, "image_id": "no-such-image"}
+    post_results(api, job.id, (first["reply_subject"], success(stranger)), (second["reply_subject"], error(stranger)))
+    stack.wait_saved()
+    assert stack.store.results(job.id) == []
+    assert await ack_pending(nats_queue, job.id) == 2  # the first still held; the second acked

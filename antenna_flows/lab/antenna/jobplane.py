@@ -410,7 +410,16 @@ class JobPlane:
         job = self.store.job(item.job_id)
         if job is None:
             raise SaveFailed(f"job {item.job_id} does not exist")
-        image_id = self._image_of(job, item)
+        try:
+            image_id = self._image_of(job, item)
+        except SaveFailed:
+            if not isinstance(item.result, PipelineResultsError):
+                raise
+            # An error result for no image of the job: nothing to record, but the task is done (acked), as
+            # Antenna's error path, which only counts the failed image ids it finds.
+            log.warning("job %s: error result for no image of the job (%s); acked, not stored", job.id, item.result.error[:200])
+            await self._ack(job.id, item.reply_subject, "?")
+            return
         if isinstance(item.result, PipelineResultsResponse):
             self._check_algorithms(job, item.result)
         outcome = self.store.save_results(
@@ -426,22 +435,26 @@ class JobPlane:
         )
         if outcome.duplicates:
             log.info("job %s: duplicate result for image %s", job.id, image_id)
+        await self._ack(job.id, item.reply_subject, image_id)
+        if outcome.completed:
+            await self.finish(job.id)
+
+    async def _ack(self, job_id: int, reply_subject: str, image_id: str) -> None:
         try:
             if self.queue is None:
                 raise NatsUnavailable("not connected")
-            await self.queue.ack(item.reply_subject)
+            await self.queue.ack(reply_subject)
         except (NatsUnavailable, *NATS_DOWN_ERRORS) as exc:  # saved, not acked: redelivered, and the save dedupes
-            log.warning("job %s: ack of image %s failed (%r); it will be redelivered", job.id, image_id, exc)
-        if outcome.completed:
-            await self.finish(job.id)
+            log.warning("job %s: ack of image %s failed (%r); it will be redelivered", job_id, image_id, exc)
 
     def _image_of(self, job: Job, item: QueuedSave) -> str:
         """The job's image this result is for: ``source_images[].id`` or ``error.image_id``, as Antenna.
 
-        Our extension: a result naming no image of the job (an error for a
+        Our extension: a result naming no image at all (an error for a
         malformed task, whose image id is blank) is attributed by the stream
         sequence in its reply subject when that is one of the job's ack
-        subjects. Otherwise the save fails (not acked).
+        subjects. Otherwise :class:`SaveFailed` (a success is then not acked;
+        an error result is acked without being stored).
         """
         result = item.result
         if isinstance(result, PipelineResultsError):
@@ -452,7 +465,7 @@ class JobPlane:
         for candidate in candidates:
             if candidate in known:
                 return candidate
-        ack = parse_ack_subject(item.reply_subject)
+        ack = parse_ack_subject(item.reply_subject) if not any(candidates) else None
         if ack is not None and ack.stream == stream_name(job.id) and ack.consumer == consumer_name(job.id):
             by_seq = self.store.images_by_seq(job.id, [ack.stream_seq])
             if ack.stream_seq in by_seq:
