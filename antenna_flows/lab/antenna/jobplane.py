@@ -266,13 +266,20 @@ class JobPlane:
         return job
 
     async def live(self, job: Job) -> Job:
-        """The job with its consumer's statistics read now (the stored ones if it is not active or NATS is down)."""
-        if not job.active or not self.nats_connected:
+        """The job with its consumer's statistics read now (the stored ones once its stream is gone or NATS is down).
+
+        A job that just completed keeps its stream until the save worker's
+        snapshot-then-delete runs; reading it meanwhile gives the final figures,
+        not a sample up to a second old.
+        """
+        if not self.nats_connected:
+            return job
+        if not job.active and (job.final is False or job.id not in self.store.uncleaned_job_ids()):
             return job
         try:
             stats = await self.queue.stats(job.id)  # type: ignore[union-attr]
         except (StreamGone, *NATS_DOWN_ERRORS):
-            return job
+            return self.store.job(job.id) or job  # deleted meanwhile: the snapshot taken just before
         self.store.set_stats(job.id, stats)
         return self.store.job(job.id) or job
 
