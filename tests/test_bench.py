@@ -80,6 +80,8 @@ def test_bench_runs_a_scenario_and_reports_per_the_shared_format(tmp_path: Path)
     # the contract's additions
     assert report["prefect"] is None and report["transport"] == "nats" and report["drain_start_phase_s"] is None
     assert report["dead_lettered"] == 0
+    assert 0 <= report["reserved_idle_p99_s"] <= report["max_reserved_idle_s"]
+    assert report["mean_unacked_s"] is None or report["mean_unacked_s"] >= 0
     # from the scenario alone: 44 good images of jobs 1 and 2 (job 3 is cancelled), 11 batches of 4, 2 workers
     assert report["ideal_makespan_model_s"] == pytest.approx((44 * 0.01 + 11 * 0.01) / 2, abs=1e-3)
     requests = report["api_requests"]

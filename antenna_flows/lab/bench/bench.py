@@ -380,6 +380,7 @@ class Bench:
         self._fault_threads: list[threading.Thread] = []
         self._fault_log: list[dict[str, Any]] = []
         self._phases: list[float] | None = None
+        self._unacked: list[tuple[float, int]] = []  # (seconds from time zero, tasks delivered and not acked)
 
     @property
     def transport(self) -> str:
@@ -558,7 +559,7 @@ class Bench:
                         events.sort(key=lambda e: (e[0], e[1]))
                 else:
                     self._restart_worker(spec, t0)
-            if not events and submitted and self._all_done(admin, set(submitted) - cancelled):
+            if submitted and self._observe(admin, set(submitted) - cancelled, t0) and not events:
                 break
             time.sleep(POLL_S)
         return submitted, cancelled
@@ -579,14 +580,14 @@ class Bench:
 
         _retrying(create, attempts=300)
 
-    @staticmethod
-    def _all_done(admin: AntennaAdmin, live: set[int]) -> bool:
-        if not live:
-            return True
+    def _observe(self, admin: AntennaAdmin, live: set[int], t0: float) -> bool:
+        """Whether every live job is done; on the way, the tasks delivered and not yet acked (NATS's
+        ``num_ack_pending``, summed over jobs) for the Little's-law cross-check of reservation times."""
         try:
             jobs = {j.id: j for j in admin.jobs()}
         except (AntennaError, httpx.HTTPError):  # an injected API outage: look again at the next poll
             return False
+        self._unacked.append((time.time() - t0, sum(j.ack_pending for j in jobs.values() if j.id in live and not j.final)))
         return all(jid in jobs and jobs[jid].processed >= jobs[jid].total for jid in live)
 
     def _fault(self, fault: FaultSpec, dev: DevStack, admin: AntennaAdmin, cancelled: set[int],
@@ -677,6 +678,7 @@ class Bench:
         slot_s = 0.0
         inferred = 0
         max_idle = 0.0
+        idles: list[float] = []
         for path in out_dir.glob("*.metrics.jsonl"):
             for line in path.read_text().splitlines():
                 try:
@@ -686,6 +688,7 @@ class Bench:
                 slot_s += row.get("slot_s", 0.0)
                 inferred += int(row.get("n", 0))
                 max_idle = max(max_idle, row.get("max_reserved_idle_s", 0.0))
+                idles.append(row.get("max_reserved_idle_s", 0.0))
         rows = []
         answered_total = 0
         last_answer = 0.0
@@ -719,6 +722,12 @@ class Bench:
         worker_answered = answered_total - sum(r["dead_lettered"] for r in rows)
         first_share = min(1.0, worker_answered / inferred) if inferred else 1.0
         ideal_model = sc.ideal_makespan_model_s()
+        # Little's law, from NATS's side alone (no worker's word for it): the mean time a task spends
+        # delivered-but-unacked (reserved, loading, in inference, posting, saving) is the mean number
+        # unacked over the busy period divided by the answer rate.
+        busy = [n for t, n in self._unacked if t <= makespan]
+        mean_unacked = sum(busy) / len(busy) if busy else 0.0
+        rate = answered_total / makespan if makespan > 0 else 0.0
         return {
             "scenario": sc.name, "strategy": opt.strategy, "orchestration": opt.orchestration, "workers": sc.workers,
             "transport": self.transport,
@@ -730,6 +739,10 @@ class Bench:
             "lost": lost, "errors": sum(r["errors"] for r in rows),
             "dead_lettered": sum(r["dead_lettered"] for r in rows),
             "max_reserved_idle_s": _r(max_idle),
+            # the max is one observation out of every batch: the 99th percentile of the per-batch maxima beside it
+            "reserved_idle_p99_s": _r(sorted(idles)[min(len(idles) - 1, int(0.99 * len(idles)))] if idles else 0.0),
+            "mean_unacked_tasks": _r(mean_unacked, 1), "max_unacked_tasks": max(busy, default=0),
+            "mean_unacked_s": _r(mean_unacked / rate if rate else None),
             "slot_seconds": _r(slot_s), "inferred_images": inferred, "ack_wait_s": sc.queue.ack_wait_s,
             "time_limit_s": sc.time_limit_s,
             "drain_start_phase_s": self._phases, "seed": sc.seed,
