@@ -450,10 +450,11 @@ def add_register(subparsers: Any) -> None:
     parser.add_argument("--service-name", default=None, help="Processing service name (default: antenna-flows).")
     parser.add_argument("--pipeline", action="append", default=None, metavar="SLUG",
                         help="Register only this pipeline (repeatable; default: every pipeline in the registry).")
-    parser.add_argument("--model-kind", choices=("ami", "sim"), default="ami",
+    parser.add_argument("--model-kind", choices=("ami", "sim"), default=None,
                         help="Whose algorithms to declare: 'ami' (the real models, with their category maps) or "
                         "'sim' (the simulated detector and classifier, for a staging fleet running sim against a "
-                        "real Antenna). Antenna refuses results naming undeclared algorithms. Default ami.")
+                        "real Antenna). Antenna refuses results naming undeclared algorithms. Default: the "
+                        "workers' model kind (env AMI_MODEL_KIND), else ami.")
     parser.add_argument("--json", dest="json_answer", action="store_true", help="Print Antenna's whole answer as JSON.")
     add_settings_arguments(parser, ClientSettings, CLIENT_ALIASES)
     parser.set_defaults(func=run_register)
@@ -466,13 +467,14 @@ def run_register(args: argparse.Namespace) -> int:
     from antenna_flows.registration import register_pipelines, summary
 
     client = settings_from_args(ClientSettings, args)
+    model_kind = args.model_kind or WorkerSettings().model_kind
     answer = asyncio.run(register_pipelines(client.antenna_api_url, client.antenna_api_token, args.project,
                                             service_name=args.service_name, slugs=args.pipeline,
-                                            model_kind=args.model_kind))
+                                            model_kind=model_kind))
     if args.json_answer:
         print(json.dumps(answer, indent=2))
     else:
-        print(f"project {args.project}, model kind {args.model_kind}:")
+        print(f"project {args.project}, model kind {model_kind}:")
         print(summary(answer, args.pipeline))
     return 0
 

@@ -144,3 +144,12 @@ def test_register_prints_a_short_summary(capsys: pytest.CaptureFixture[str]) -> 
         assert main(["register", "--project", "3", "--model-kind", "sim", "--pipeline", "moth_binary",
                      "--antenna-api-url", stack.api_url, "--antenna-api-token", stack.token]) == 0
         assert "pipelines updated (1): moth_binary" in capsys.readouterr().out
+
+
+def test_register_takes_the_model_kind_from_the_environment(capsys, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AMI_MODEL_KIND", "sim")
+    with DevStack(register_kinds=()) as stack:
+        assert main(["register", "--project", "4", "--pipeline", "moth_binary", "--api-url", stack.api_url,
+                     "--token", stack.token]) == 0
+        assert "model kind sim" in capsys.readouterr().out
+        assert stack.store.algorithm_keys(4, "moth_binary") == {"sim-detector", "sim-classifier"}
