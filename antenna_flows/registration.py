@@ -31,7 +31,6 @@ from antenna_flows.schemas import (
     AlgorithmCategoryMapResponse,
     AlgorithmConfigResponse,
     PipelineConfigResponse,
-    PipelineRegistrationRequest,
 )
 from antenna_flows.settings import WorkerSettings
 
