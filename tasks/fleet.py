@@ -107,6 +107,16 @@ async def fleet_runs(client: PrefectClient) -> dict[str, list[FlowRun]]:
     return by_slot
 
 
+async def last_run_id(client: PrefectClient, slot: Slot) -> str:
+    """The id of the slot's newest run in any state ("none" if it never had one)."""
+    runs = await client.read_flow_runs(
+        flow_run_filter=FlowRunFilter(tags=FlowRunFilterTags(all_=[FLEET_TAG, slot.tag])),
+        sort=FlowRunSort.EXPECTED_START_TIME_DESC,
+        limit=1,
+    )
+    return str(runs[0].id) if runs else "none"
+
+
 async def last_heartbeat(client: PrefectClient, run_id: UUID, since: dt.datetime) -> dt.datetime | None:
     """When the run last sent a heartbeat event since ``since`` (None: none in that window)."""
     from prefect.events.filters import EventFilter, EventNameFilter, EventOccurredFilter, EventResourceFilter
@@ -252,7 +262,12 @@ async def _keep_slot(
         timeout=0,
         as_subflow=False,
         client=client,
+        # Two passes at once (the schedule and the trigger) that saw the same last run make one run.
+        idempotency_key=f"fleet:{slot.name}:after:{await last_run_id(client, slot)}",
     )
+    if run.state and run.state.is_final():  # the key matched a run that already ended: next pass
+        report.action = "wait"
+        result.started -= 1
     report.run = run.name
     report.state = run.state.name if run.state else "Scheduled"
     log.info("slot %s: started run %s (%s)", slot.name, run.name, run.id)

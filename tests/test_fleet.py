@@ -1,0 +1,268 @@
+"""The self-healing fleet, end to end, as an operator runs it.
+
+A real ``prefect server start`` on a free port (its own PREFECT_HOME), the pools made by
+deployments/setup-pools.sh, ``prefect --no-prompt deploy --all`` of prefect.yaml, a
+``prefect worker start --pool cpu-pool`` process, a local stack with one long job, and a fleet spec
+of one sim slot. The keeper starts the slot's fair-worker run; the test SIGKILLs that run's process
+and expects a replacement run serving the job (new results posted) within 60 s, without any help.
+
+The fast tests at the end cover the fleet spec itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import httpx
+import pytest
+
+import antenna_flows.prefect_env  # noqa: F401 - before prefect
+from deployments.fleet import SpecError, load_fleet, parse_fleet, slot_of, worker_command
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+PREFECT = str(BIN / "prefect")
+PIPELINE = "panama_moths_2024"
+REPLACEMENT_DEADLINE_S = 60.0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until(predicate, timeout: float, what: str, interval: float = 0.5) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(interval)
+
+
+def stop(proc: subprocess.Popen, grace: float = 10.0) -> None:
+    if proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(grace)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(5)
+
+
+@pytest.fixture(scope="module")
+def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+    """A real Prefect server (SQLite) on a free port; yields the environment for prefect commands."""
+    home = tmp_path_factory.mktemp("prefect-home")
+    port = free_port()
+    env = {
+        **os.environ,
+        "PREFECT_HOME": str(home),
+        "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_UI_ENABLED": "false",
+        "PREFECT_LOGGING_LEVEL": "WARNING",
+    }
+    env.pop("PREFECT_API_KEY", None)
+    log = open(home / "server.log", "w")
+    server = subprocess.Popen(
+        [PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+        env=env, stdout=log, stderr=subprocess.STDOUT, cwd=home,
+    )
+
+    def healthy() -> bool:
+        assert server.poll() is None, f"prefect server exited: {(home / 'server.log').read_text()[-2000:]}"
+        try:
+            return httpx.get(f"http://127.0.0.1:{port}/api/health", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    try:
+        wait_until(healthy, 120, "prefect server health")
+        yield env
+    finally:
+        stop(server)
+        log.close()
+
+
+def prefect(env: dict[str, str], *args: str, timeout: float = 180) -> str:
+    done = subprocess.run([PREFECT, *args], env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, f"prefect {' '.join(args)} failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    return done.stdout
+
+
+def api_json(env: dict[str, str], method: str, path: str, body: Any = None) -> Any:
+    response = httpx.request(method, env["PREFECT_API_URL"] + path, json=body, timeout=30)
+    response.raise_for_status()
+    return response.json()
+
+
+def slot_runs(env: dict[str, str], slot: str) -> list[dict[str, Any]]:
+    """Every flow run of the slot (any state), oldest first, straight from the REST API."""
+    runs = api_json(env, "POST", "/flow_runs/filter", {
+        "flow_runs": {"tags": {"all_": ["fleet", f"fleet-slot:{slot}"]}},
+        "sort": "EXPECTED_START_TIME_ASC",
+        "limit": 50,
+    })
+    return sorted(runs, key=lambda r: r["created"])
+
+
+def job(stack: Any, job_id: int) -> dict[str, Any]:
+    response = httpx.get(f"{stack.api_url}/jobs/{job_id}/", headers={"Authorization": f"Token {stack.token}"}, timeout=10)
+    response.raise_for_status()
+    return response.json()
+
+
+@pytest.mark.slow
+def test_killed_worker_run_is_replaced_and_serving_within_60_s(prefect_server, stack_factory, tmp_path):
+    env = prefect_server
+    stack = stack_factory(ack_wait_s=10.0, max_deliver=5)
+    stack.create_job(PIPELINE, 4000, job_id=901)  # ~8 min of sim work at 0.1 s/image: the job outlives the test
+
+    out = subprocess.run([str(ROOT / "deployments" / "setup-pools.sh")], env={**env, "PREFECT": PREFECT},
+                         cwd=ROOT, capture_output=True, text=True, timeout=180)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "gpu-pool" in out.stdout and "cpu-pool" in out.stdout
+    prefect(env, "--no-prompt", "deploy", "--all")
+    names = {d["name"] for d in api_json(env, "POST", "/deployments/filter", {})}
+    assert {"gpu-worker", "sim-worker", "fleet-keeper", "queue-report", "gpu", "sim"} <= names, names
+
+    spec = tmp_path / "fleet.yaml"
+    spec.write_text(
+        "deployment: fair-worker/sim-worker\n"
+        "hosts:\n"
+        "  - name: test\n"
+        "    gpus: 1\n"
+        "    parameters: {device: cpu, max_runtime_s: 600, settings_overrides: "
+        "{sim_seconds_per_image: 0.1, sim_seconds_per_batch: 0.01, discovery_interval_s: 0.5}}\n"
+    )
+    worker_env = {
+        **env,
+        "ANTENNA_FLOWS_HOME": str(ROOT),
+        "ANTENNA_FLEET_SPEC": str(spec),
+        "AMI_ANTENNA_API_URL": stack.api_url,
+        "AMI_ANTENNA_API_TOKEN": stack.token,
+        "AMI_NATS_URL": stack.nats_url,
+        "AMI_MODEL_KIND": "sim",
+        "PREFECT_WORKER_QUERY_SECONDS": "5",
+    }
+    log_path = tmp_path / "worker.log"
+    log = open(log_path, "w")
+    worker = subprocess.Popen([PREFECT, "worker", "start", "--pool", "cpu-pool", "--name", "test-cpu-worker"],
+                              env=worker_env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+    pids: set[int] = set()
+    try:
+        prefect(env, "deployment", "run", "fleet-keeper/fleet-keeper")  # don't wait for the 30 s schedule
+
+        def running_run() -> dict[str, Any] | None:
+            assert worker.poll() is None, f"prefect worker exited:\n{log_path.read_text()[-3000:]}"
+            runs = [r for r in slot_runs(env, "test-gpu0") if r["state_type"] == "RUNNING" and r["infrastructure_pid"]]
+            return runs[-1] if runs else None
+
+        first = wait_until(running_run, 180, "the keeper's first fair-worker run to be Running")
+        wait_until(lambda: job(stack, 901)["results"] > 0, 60, "the first run to post results")
+        assert len([r for r in slot_runs(env, "test-gpu0") if r["state_type"] in ("RUNNING", "PENDING", "SCHEDULED")]) == 1
+        pid = int(str(first["infrastructure_pid"]).rsplit(":", 1)[-1])
+        pids.add(pid)
+
+        os.kill(pid, signal.SIGKILL)
+        killed_at = time.monotonic()
+
+        def replacement() -> dict[str, Any] | None:
+            runs = [r for r in slot_runs(env, "test-gpu0") if r["id"] != first["id"]]
+            alive = [r for r in runs if r["state_type"] == "RUNNING"]
+            return alive[-1] if alive else None
+
+        second = wait_until(replacement, REPLACEMENT_DEADLINE_S, "a replacement run of slot test-gpu0 to be Running")
+        if second.get("infrastructure_pid"):
+            pids.add(int(str(second["infrastructure_pid"]).rsplit(":", 1)[-1]))
+        results_then = job(stack, 901)["results"]
+        left = REPLACEMENT_DEADLINE_S - (time.monotonic() - killed_at)
+        wait_until(lambda: job(stack, 901)["results"] > results_then, max(left, 1.0),
+                   "the replacement run to post results (serving)")
+        took = time.monotonic() - killed_at
+        dead = api_json(env, "GET", f"/flow_runs/{first['id']}")
+        assert dead["state_type"] == "CRASHED", dead["state"]
+        print(f"\nreplacement serving {took:.1f} s after SIGKILL (run {second['name']})")
+        assert took < REPLACEMENT_DEADLINE_S
+        # One GPU, one run: exactly one live run of the slot.
+        live = [r for r in slot_runs(env, "test-gpu0") if r["state_type"] in ("RUNNING", "PENDING")]
+        assert len(live) == 1, [(r["name"], r["state_name"]) for r in live]
+        queue = api_json(env, "GET", "/work_pools/cpu-pool/queues/test-gpu0")
+        assert queue["concurrency_limit"] == 1
+    finally:
+        stop(worker, grace=15)
+        for run in slot_runs(env, "test-gpu0"):
+            if run.get("infrastructure_pid"):
+                pids.add(int(str(run["infrastructure_pid"]).rsplit(":", 1)[-1]))
+        for pid in pids:  # flow-run processes run in sessions of their own: stop ours by id
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        log.close()
+
+
+# --- the fleet spec -----------------------------------------------------------------------------
+
+
+def test_fleet_spec_slots_queues_and_worker_command():
+    fleet = parse_fleet({
+        "deployment": "fair-worker/gpu-worker",
+        "stale_after_s": 120,
+        "hosts": [
+            {"name": "gpu-a", "gpus": [0, 2], "pipelines": ["panama_moths_2024"], "parameters": {"max_batch_size": 16}},
+            {"name": "gpu-b", "gpus": 1, "deployment": "fair-worker/sim-worker", "parameters": {"device": "cpu"}},
+            {"name": "gpu-c", "gpus": 4, "enabled": False},
+        ],
+    })
+    assert [s.name for s in fleet.slots] == ["gpu-a-gpu0", "gpu-a-gpu2", "gpu-b-gpu0"]
+    a2 = fleet.slot("gpu-a-gpu2")
+    assert a2.parameters == {"max_batch_size": 16, "pipelines": ["panama_moths_2024"], "worker_name": "gpu-a-gpu2", "device": "cuda:2"}
+    assert a2.work_queue == "gpu-a-gpu2" and a2.tags == ["fleet", "fleet-slot:gpu-a-gpu2"]
+    assert slot_of(["antenna", "fleet", "fleet-slot:gpu-a-gpu2"]) == "gpu-a-gpu2" and slot_of(["x"]) is None
+    assert fleet.slot("gpu-b-gpu0").parameters["device"] == "cpu"
+    assert fleet.slot("gpu-b-gpu0").deployment == "fair-worker/sim-worker"
+    assert fleet.stale_after_s == 120
+    assert worker_command(fleet, "gpu-a") == [
+        "prefect", "worker", "start", "--pool", "gpu-pool", "--name", "gpu-a-worker",
+        "--work-queue", "gpu-a-gpu0", "--work-queue", "gpu-a-gpu2",
+    ]
+    with pytest.raises(SpecError):
+        worker_command(fleet, "nope")
+
+
+@pytest.mark.parametrize("bad", [
+    {"hosts": [{"gpus": 1}]},
+    {"hosts": [{"name": "a b"}]},
+    {"hosts": [{"name": "a", "gpus": [0, 0]}]},
+    {"hosts": [{"name": "a", "gpus": -1}]},
+    {"hosts": [{"name": "a", "deployment": "no-slash"}]},
+    {"hosts": [{"name": "a"}, {"name": "a"}]},
+    {"hosts": "a"},
+])
+def test_fleet_spec_errors_name_the_field(bad):
+    with pytest.raises(SpecError):
+        parse_fleet(bad)
+
+
+def test_shipped_specs_parse():
+    gpu = load_fleet(ROOT / "deployments" / "fleet.yaml")
+    assert gpu.slots and all(s.deployment == "fair-worker/gpu-worker" for s in gpu.slots)
+    sim = load_fleet(ROOT / "deployments" / "fleet-sim.yaml")
+    assert [s.name for s in sim.slots] == ["local-gpu0", "local-gpu1"]
+    assert all(s.parameters["device"] == "cpu" for s in sim.slots)
+    assert json.dumps([s.parameters for s in sim.slots])  # parameters travel as JSON
