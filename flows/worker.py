@@ -53,7 +53,9 @@ log = logging.getLogger(__name__)
 
 REPORT_EVERY_S = 300.0  # a running worker's table artifact at most this often (final: always)
 REPORT_TIMEOUT_S = 10.0  # an artifact write waits no longer (the API may be down)
-SESSION_START_GRACE_S = 5.0  # a session subflow not started by then runs without its record
+SESSION_START_GRACE_S = 2.0  # a session subflow not started by then runs without its record
+SESSION_END_GRACE_S = 1.0  # the work of a session is done: wait no longer for its record to close
+PLAIN_SESSIONS_FOR_S = 60.0  # after one could not start: sessions run plainly this long, then try again
 RESERVE_RETRIES = 3
 RESERVE_RETRY_DELAY_S = 0.1
 
@@ -146,6 +148,8 @@ class PrefectOrchestrator:
         self._reporting: asyncio.Task[None] | None = None
         self._late: set[asyncio.Task[Any]] = set()
         self._session_warned = False
+        self._plain_sessions_until = 0.0
+        self._unclosed: list[Any] = []  # session runs left Running by an API outage
 
     async def _open_window(self, number: int) -> Any:
         return await serve_window(self.worker, number, self.queue.window_s)
@@ -163,15 +167,22 @@ class PrefectOrchestrator:
 
     async def session(self, fn: Callable[[], Awaitable[dict[str, Any]]], number: int) -> dict[str, Any]:
         """The session as a subflow run; run plainly if Prefect cannot start one in time, never twice."""
+        if time.monotonic() < self._plain_sessions_until:  # Prefect was unreachable a moment ago
+            return await fn()
         claim: dict[str, Any] = {}
-        started = asyncio.Event()
+        started, finished = asyncio.Event(), asyncio.Event()
 
         async def body() -> dict[str, Any]:
             if "plain" in claim:  # started too late: the session already ran without its record
                 return {"session": number, "skipped": True}
             claim["subflow"] = True
+            context = FlowRunContext.get()
+            claim["run_id"] = context.flow_run.id if context and context.flow_run else None
             started.set()
-            claim["result"] = result = await fn()
+            try:
+                claim["result"] = result = await fn()
+            finally:
+                finished.set()
             return result
 
         _SESSIONS[self.worker] = body
@@ -180,6 +191,18 @@ class PrefectOrchestrator:
         await asyncio.wait({run, waiter}, timeout=SESSION_START_GRACE_S, return_when=asyncio.FIRST_COMPLETED)
         waiter.cancel()
         if "subflow" in claim:
+            ended = asyncio.create_task(finished.wait())
+            await asyncio.wait({run, ended}, return_when=asyncio.FIRST_COMPLETED)
+            if not run.done():
+                # The work is done; the subflow's record is being finished. Wait a moment for it,
+                # not for an API that may be down (the record finishes or fails on its own).
+                await asyncio.wait({run}, timeout=SESSION_END_GRACE_S)
+            ended.cancel()
+            if not run.done() and "result" in claim:
+                self._plain_sessions_until = time.monotonic() + PLAIN_SESSIONS_FOR_S
+                self._warn_session(f"session {number} record not closed within {SESSION_END_GRACE_S:g}s")
+                self._track_late(run, claim.get("run_id"))
+                return claim["result"]
             try:
                 return await run
             except TerminationSignal:
@@ -193,6 +216,7 @@ class PrefectOrchestrator:
                     return claim["result"]
                 raise
         claim["plain"] = True
+        self._plain_sessions_until = time.monotonic() + PLAIN_SESSIONS_FOR_S
         if run.done():
             exc = run.exception()
             if isinstance(exc, TerminationSignal):
@@ -200,9 +224,20 @@ class PrefectOrchestrator:
             self._warn_session(f"session {number} subflow failed to start: {exc!r}")
         else:
             self._warn_session(f"session {number} subflow not started within {SESSION_START_GRACE_S:g}s")
-            self._late.add(run)  # it will find the session claimed and end at once
-            run.add_done_callback(self._late.discard)
+            self._track_late(run)  # it will find the session claimed and end at once
         return await fn()
+
+    def _track_late(self, run: asyncio.Task[Any], run_id: Any = None) -> None:
+        def done(task: asyncio.Task[Any]) -> None:
+            self._late.discard(task)
+            if task.cancelled() or task.exception() is not None:
+                if run_id is not None:
+                    self._unclosed.append(run_id)
+                if not task.cancelled():
+                    log.debug("worker %s: late session record: %r", self.worker, task.exception())
+
+        self._late.add(run)
+        run.add_done_callback(done)
 
     async def _subflow(self, number: int) -> dict[str, Any]:
         return await inference_session(self.worker, number)
@@ -236,9 +271,30 @@ class PrefectOrchestrator:
 
     async def close(self) -> None:
         await self.queue.close()
-        for run in list(self._late):
-            run.cancel()
+        if self._late:  # session records still closing: a few seconds, then they are dropped
+            await asyncio.wait(set(self._late), timeout=REPORT_TIMEOUT_S)
+            for run in list(self._late):
+                run.cancel()
+            await asyncio.sleep(0)
+        if self._unclosed:
+            await self._close_records()
         QUEUES.pop(self.worker, None)
+
+    async def _close_records(self) -> None:
+        """Session runs whose end the API missed (it was down) would show Running forever: close them now."""
+        from prefect.client.orchestration import get_client
+        from prefect.states import Completed
+
+        try:
+            async with get_client() as client:
+                for run_id in self._unclosed:
+                    await asyncio.wait_for(client.set_flow_run_state(
+                        run_id, Completed(message="session ended while the Prefect API was unreachable"), force=True),
+                        REPORT_TIMEOUT_S)
+            log.info("worker %s: closed %d session records the API missed", self.worker, len(self._unclosed))
+        except Exception as exc:  # noqa: BLE001
+            log.warning("worker %s: %d session records left open (%r)", self.worker, len(self._unclosed), exc)
+        self._unclosed.clear()
 
 
 async def _secret(block_name: str) -> str:

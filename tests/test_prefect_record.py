@@ -1,0 +1,228 @@
+"""What a Prefect-orchestrated worker leaves in Prefect, and how it ends.
+
+- The record grows with time, not images: a ``serve-window`` task run per
+  window of steady work (every reservation round and post inside it), never
+  one per batch.
+- SIGTERM finishes and posts the batch in flight, releases the rest, and the
+  run ends Completed, never Crashed (Prefect's own SIGTERM bridge used to
+  pre-empt the worker's graceful stop).
+- The Prefect API is not the data plane: with the server down the worker keeps
+  reserving, inferring, posting; the run's record resumes when it is back.
+
+Real parts throughout: Prefect's test server (or a real ``prefect server
+start``), the local Antenna over HTTP, nats-server, worker processes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import antenna_flows.prefect_env  # noqa: F401 - before prefect
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName
+from prefect.settings import PREFECT_API_URL
+from prefect.testing.utilities import prefect_test_harness
+
+from antenna_flows.lab.antenna.admin import AsyncAntennaAdmin
+from antenna_flows.models import load_model
+from antenna_flows.settings import WorkerSettings
+from antenna_flows.worker import FairWorker
+from flows.worker import fair_worker
+
+pytestmark = pytest.mark.prefect
+
+PIPELINE = "panama_moths_2024"
+REPO = Path(__file__).resolve().parents[1]
+RUN_WORKER = """
+import asyncio, json, sys
+from flows.worker import fair_worker
+totals = asyncio.run(fair_worker(worker_name=sys.argv[1], settings_overrides=json.loads(sys.argv[2]),
+                                 window_s=float(sys.argv[3])))
+print("TOTALS " + json.dumps(totals), flush=True)
+"""
+
+
+@pytest.fixture(scope="module")
+def prefect_server():
+    with prefect_test_harness(server_startup_timeout=120):
+        yield PREFECT_API_URL.value()
+
+
+def overrides(stack: Any, **extra: Any) -> dict[str, Any]:
+    values: dict[str, Any] = dict(
+        antenna_api_url=stack.api_url,
+        nats_url=stack.nats_url,
+        model_kind="sim",
+        pipelines=[PIPELINE],
+        sim_seconds_per_image=0.01,
+        sim_seconds_per_batch=0.005,
+        discovery_interval_s=0.2,
+        session_idle_s=0.5,
+        max_batch_size=4,
+        release_delay_s=0.2,
+    )
+    values.update(extra)
+    return values
+
+
+async def flow_runs(name_prefix: str) -> list[Any]:
+    async with get_client() as client:
+        runs = await client.read_flow_runs(flow_run_filter=FlowRunFilter(name=FlowRunFilterName(like_=name_prefix)))
+    return [r for r in runs if r.name.startswith(name_prefix)]
+
+
+async def wait_for(predicate: Any, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if await predicate():
+            return
+        await asyncio.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def start_worker(name: str, values: dict[str, Any], api_url: str, token: str, home: Path, window_s: float,
+                 log_path: Path) -> subprocess.Popen[bytes]:
+    env = {**os.environ, "PREFECT_API_URL": api_url, "PREFECT_HOME": str(home), "AMI_ANTENNA_API_TOKEN": token,
+           "PYTHONPATH": str(REPO)}
+    return subprocess.Popen(
+        [sys.executable, "-c", RUN_WORKER, name, json.dumps(values), str(window_s)],
+        cwd=REPO, env=env, stdout=open(log_path, "wb"), stderr=subprocess.STDOUT,  # noqa: SIM115
+    )
+
+
+async def finish_plainly(stack: Any, job_id: int) -> None:
+    """What a stopped worker released, another worker (plain, in-process) answers: nothing is lost."""
+    settings = WorkerSettings(worker_name="cleanup", antenna_api_token=stack.token,
+                              **overrides(stack, job_ids=[job_id], exit_when_done=True, max_runtime_s=60))
+    await FairWorker(settings, load_model(settings)).run()
+
+
+async def test_the_record_grows_with_time_not_images(prefect_server, stack, monkeypatch):
+    """A few hundred images: a task run per 2 s window of work, each holding many batches' posts."""
+    monkeypatch.setenv("AMI_ANTENNA_API_TOKEN", stack.token)
+    job = stack.create_job(PIPELINE, 300, job_id=401)
+    name = "record-worker"
+    window_s = 2.0
+    totals = await fair_worker(worker_name=name, window_s=window_s, settings_overrides=overrides(
+        stack, job_ids=[job.id], exit_when_done=True, max_runtime_s=60))
+    assert totals["images"] == 300 and totals["batches"] >= 75
+
+    (run,) = [r for r in await flow_runs(name) if r.name == name]
+    assert run.state.is_completed()
+    async with get_client() as client:
+        task_runs = await client.read_task_runs(flow_run_filter=FlowRunFilter(id={"any_": [run.id]}))
+    windows = [t for t in task_runs if t.name.startswith(f"{name}-window-")]
+    minutes = totals["uptime_s"] / 60
+    # At most one window per window_s of work (+1 for the partial last one), whatever the image rate.
+    assert 1 <= len(windows) <= totals["uptime_s"] / window_s + 1, (len(windows), totals)
+    assert len(windows) / minutes <= 60 / window_s + 1 / minutes
+    assert len(windows) * 10 <= totals["batches"]  # the old shape: two task runs per batch
+    # The detail is inside: every result posted is counted in some window, per job.
+    posted = sum(int(m.group(1)) for t in windows for m in re.finditer(r"posts \((\d+) results\)", t.state.message or ""))
+    assert posted == 300
+    assert all("job 401:" in (t.state.message or "") for t in windows if "0 posts" not in (t.state.message or ""))
+
+
+async def test_sigterm_finishes_the_batch_and_the_run_completes(prefect_server, stack, tmp_path):
+    job = stack.create_job(PIPELINE, 400, job_id=402)
+    name = "sigterm-worker"
+    log_path = tmp_path / "worker.log"
+    proc = start_worker(name, overrides(stack, sim_seconds_per_image=0.02, session_max_s=600, max_runtime_s=120),
+                        prefect_server, stack.token, tmp_path, 30.0, log_path)
+    try:
+        async with AsyncAntennaAdmin(stack.api_url, stack.token) as admin:
+            async def started() -> bool:
+                assert proc.poll() is None, log_path.read_text()[-3000:]
+                return (await admin.job(job.id)).results >= 20
+            await wait_for(started, 120, "the worker's first results")
+            proc.send_signal(signal.SIGTERM)
+            rc = await asyncio.to_thread(proc.wait, 60)
+            output = log_path.read_text()
+            assert rc == 0, output[-3000:]
+            assert "TerminationSignal" not in output and "Crash detected" not in output, output[-3000:]
+            assert "stopped (SIGTERM)" in output and "released" in output, output[-3000:]
+            totals = json.loads(output.split("TOTALS ", 1)[1].splitlines()[0])
+            assert 20 <= totals["images"] < 400
+
+            (run,) = [r for r in await flow_runs(name) if r.name == name]
+            assert run.state.is_completed(), run.state
+            sessions = await flow_runs(f"{name}-session-")
+            assert sessions and not any(s.state.is_crashed() for s in sessions)
+
+            await finish_plainly(stack, job.id)
+            done = await admin.job(job.id)
+        assert (done.results, done.errors, done.duplicates) == (400, 0, 0)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+@pytest.mark.timeout(400)
+async def test_workers_go_on_while_the_prefect_server_is_down(stack, tmp_path):
+    from antenna_flows.lab.bench.bench import PrefectServer
+
+    (tmp_path / "prefect").mkdir()
+    server = PrefectServer(tmp_path / "prefect").start()
+    job = stack.create_job(PIPELINE, 1000, job_id=403)
+    name = "outage-worker"
+    log_path = tmp_path / "worker.log"
+    proc = start_worker(name, overrides(stack, sim_seconds_per_image=0.02, session_max_s=2.0, max_runtime_s=200,
+                                        job_ids=[job.id], exit_when_done=True),
+                        server.api_url, stack.token, tmp_path / "prefect", 2.0, log_path)
+    try:
+        async with AsyncAntennaAdmin(stack.api_url, stack.token) as admin:
+            async def results() -> int:
+                assert proc.poll() is None or (await admin.job(job.id)).processed == 1000, log_path.read_text()[-3000:]
+                return (await admin.job(job.id)).results
+
+            async def started() -> bool:
+                return await results() >= 50
+            await wait_for(started, 120, "the worker's first results")
+            server.stop()
+            down_at, before = time.monotonic(), await results()
+            await asyncio.sleep(8)  # sessions (2 s each) and windows (2 s) come and go meanwhile
+            during = await results()
+            assert during - before >= 100, (before, during, log_path.read_text()[-3000:])
+            assert proc.poll() is None
+            server.start()
+            rc = await asyncio.to_thread(proc.wait, 200)
+            output = log_path.read_text()
+            assert rc == 0, output[-3000:]
+            done = await admin.job(job.id)
+        assert (done.results, done.errors, done.duplicates) == (1000, 0, 0)
+        assert output.count("Prefect record unavailable") <= 3, output  # a line, not a flood
+        runs = await asyncio.to_thread(_read_runs, {"PREFECT_API_URL": server.api_url}, name)
+        assert runs[name] == "COMPLETED", runs
+        assert all(state == "COMPLETED" for state in runs.values()), runs  # sessions the outage cut: closed after
+        assert time.monotonic() - down_at < 200
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        server.stop()
+
+
+def _read_runs(env: dict[str, str], prefix: str) -> dict[str, str]:
+    """Read run states from another Prefect server than the module's (in a subprocess: settings are per process)."""
+    code = (
+        "import asyncio, json, sys\n"
+        "from prefect.client.orchestration import get_client\n"
+        "async def main():\n"
+        "    async with get_client() as c:\n"
+        "        runs = await c.read_flow_runs()\n"
+        "    print(json.dumps({r.name: r.state.type.value for r in runs if r.name.startswith(sys.argv[1])}))\n"
+        "asyncio.run(main())\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code, prefix], env={**os.environ, **env}, capture_output=True,
+                         text=True, timeout=60, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
