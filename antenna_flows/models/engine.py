@@ -123,13 +123,17 @@ class Engine:
     """Loads the AMI models onto one device and runs batches through them."""
 
     def __init__(self, weights_dir: Path, *, device: str = "auto", precision: str = "auto",
-                 allow_download: bool = False, channels_last: bool = True, classify_chunk: int = 256):
+                 allow_download: bool = False, channels_last: bool = True, classify_chunk: int = 256,
+                 batched_crops: bool | None = None):
         self.weights_dir = Path(weights_dir).expanduser()
         self.allow_download = allow_download
         self.device = resolve_device(device)
+        # Autocast dtype of models loaded from now on (None: fp32). Set from ``precision`` (CUDA
+        # only); tests set it on a CPU engine to check the GPU's reduced precision against fp32.
         self.dtype = resolve_precision(precision, self.device)
         self.channels_last = channels_last  # faster on CUDA and on CPU (oneDNN) alike
         self.classify_chunk = classify_chunk
+        self.batched_crops = batched_crops  # crop_and_resize's matmul path; None: on CUDA only
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
 
@@ -253,7 +257,8 @@ class Engine:
             def crops_for(rows: torch.Tensor, spec: ClassifierSpec) -> torch.Tensor:
                 if batch is None or len(rows) == 0:
                     return torch.empty((0, 3, spec.input_size, spec.input_size))
-                return crop_ops.crop_and_resize(batch, image_index[rows], flat[rows], spec.input_size, spec.mean, spec.std)
+                return crop_ops.crop_and_resize(batch, image_index[rows], flat[rows], spec.input_size, spec.mean, spec.std,
+                                                batched=self.batched_crops)
 
             classified = torch.arange(len(flat))
             crops = crops_for(classified, (binary or classifier).spec)

@@ -120,8 +120,21 @@ class Autocast(nn.Module):
     def forward(self, *args: Any) -> Any:
         if self.channels_last and args and isinstance(args[0], torch.Tensor) and args[0].dim() == 4:
             args = (args[0].contiguous(memory_format=torch.channels_last), *args[1:])
-        with torch.autocast(device_type="cuda", dtype=self.dtype):
+        with torch.autocast(device_type=_device_type(args), dtype=self.dtype):
             return _to_float32(self.inner(*args))
+
+
+def _device_type(args: Any) -> str:
+    """The device type of the first tensor in ``args`` (lists of feature maps included): "cuda"
+    in production; "cpu" when a test runs the reduced-precision configuration on a CPU."""
+    for value in args:
+        if isinstance(value, (list, tuple)):
+            value = next((v for v in value if isinstance(v, torch.Tensor)), None)
+        elif isinstance(value, dict):
+            value = next((v for v in value.values() if isinstance(v, torch.Tensor)), None)
+        if isinstance(value, torch.Tensor):
+            return value.device.type
+    return "cuda"
 
 
 def prepare_for_inference(model: nn.Module, spec: ClassifierSpec | DetectorSpec, device: torch.device,
