@@ -7,8 +7,8 @@ the mix alone. For each, one row:
 - lost, dead-lettered, duplicates, redeliveries: from its bench report;
 - time to recover: from the fault until the answer rate (1 s bins, from the
   API's first-answer times) is back to ``RECOVERED`` of the no-fault run's
-  steady rate, 0 when it never dipped; ``-`` when it never got back before the
-  work ran out (a worker killed for good leaves 2/3 of the capacity);
+  steady rate (2 s moving mean), 0 when it never dipped; ``-`` when it never got
+  back before the work ran out, or the scenario has no timed fault (bad images);
 - throughput vs no fault: images per second over the no-fault run's.
 
     python -m antenna_flows.lab.bench.faults [--strategy fair] [--orchestration plain] [--only NAME ...] [--json OUT]
@@ -50,19 +50,24 @@ def steady_rate(per_s: list[int]) -> float:
 def time_to_recover(per_s: list[int], fault_at_s: float, reference: float) -> float | None:
     """Seconds from the fault until the answer rate is back to ``RECOVERED * reference``.
 
-    0.0 when no full second within ``DIP_WINDOW_S`` of the fault fell below that; None when the
-    rate never got back before the run's last full second.
+    The rate is a 2 s moving mean of the per-second answers (results go out a batch at a time).
+    0.0 when it did not fall below that within ``DIP_WINDOW_S`` of the fault; None when it never
+    got back before the run's last full second.
     """
     if not per_s or reference <= 0:
         return None
     threshold = RECOVERED * reference
     last_full = len(per_s) - 1  # the last bin is partial: the work ran out inside it
+
+    def rate(k: int) -> float:
+        return (per_s[k] + per_s[k + 1]) / 2
+
     start = int(fault_at_s)
-    dip = next((k for k in range(start, min(start + DIP_WINDOW_S, last_full)) if per_s[k] < threshold), None)
+    dip = next((k for k in range(start, min(start + DIP_WINDOW_S, last_full - 1)) if rate(k) < threshold), None)
     if dip is None:
         return 0.0
-    back = next((k for k in range(dip + 1, last_full) if per_s[k] >= threshold), None)
-    return None if back is None else round(back - fault_at_s, 1)
+    back = next((k for k in range(dip + 1, last_full - 1) if rate(k) >= threshold), None)
+    return None if back is None else round(max(0.0, back - fault_at_s), 1)
 
 
 def fault_row(name: str, report: dict[str, Any], baseline: dict[str, Any]) -> dict[str, Any]:
