@@ -87,6 +87,19 @@ class ImageLoader:
         self.hosts = tuple(h.strip().lower().rstrip(".") for h in hosts if h.strip())
         self._sem = asyncio.Semaphore(concurrency)
 
+    @classmethod
+    def from_settings(cls, settings: Any, client: httpx.AsyncClient | None = None) -> ImageLoader:
+        """A loader with a :class:`~antenna_flows.settings.WorkerSettings`' ``image_*`` limits."""
+        return cls(
+            client,
+            timeout_s=settings.image_timeout_s,
+            max_bytes=settings.image_max_bytes,
+            max_pixels=settings.image_max_pixels,
+            concurrency=settings.download_concurrency,
+            hosts=settings.image_hosts,
+            max_redirects=settings.image_max_redirects,
+        )
+
     async def aclose(self) -> None:
         if self._own_client:
             await self.client.aclose()

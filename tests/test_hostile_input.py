@@ -263,11 +263,16 @@ def test_host_patterns() -> None:
     assert not _host_allowed("xminio.lab", hosts) and not _host_allowed("example.org", hosts)
 
 
-def test_image_hosts_setting_is_comma_separated(monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_image_hosts_setting_is_comma_separated(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("AMI_IMAGE_HOSTS", "images.example.org, *.s3.amazonaws.com")
+    monkeypatch.setenv("AMI_IMAGE_TIMEOUT_S", "7")
     settings = WorkerSettings()
     assert settings.image_hosts == ["images.example.org", "*.s3.amazonaws.com"]
     assert settings.image_max_redirects == 3
+    loader = ImageLoader.from_settings(settings)
+    assert loader.hosts == ("images.example.org", "*.s3.amazonaws.com") and loader.timeout_s == 7
+    assert (loader.max_redirects, loader.max_bytes, loader.max_pixels) == (3, settings.image_max_bytes, settings.image_max_pixels)
+    await loader.aclose()
     monkeypatch.delenv("AMI_IMAGE_HOSTS")
     assert WorkerSettings().image_hosts == []  # empty: any host
 
