@@ -182,3 +182,24 @@ def test_every_shared_scenario_parses() -> None:
     for path in files:
         scenario = Scenario.load(path)
         assert scenario.jobs and scenario.workers >= 1, path
+
+
+HANG_SCENARIO = {
+    **SCENARIO,
+    "name": "tiny-hang",
+    "queue": {"ack_wait_s": 2.0, "max_deliver": 3, "max_ack_pending": 1000},
+    "jobs": [{"id": 1, "images": 30, "pipeline": "panama_moths_2024", "submit_at_s": 0.0,
+              "bad_images": {"missing": 1, "corrupt": 1, "hanging": 2, "hang_s": 3.0}}],
+    "faults": [],
+}
+
+
+@pytest.mark.slow
+def test_an_image_server_that_hangs_then_answers_garbage(tmp_path: Path) -> None:
+    report = run_cli_bench(tmp_path, HANG_SCENARIO, "--strategy", "fair", "--orchestration", "plain")
+    job = report["jobs"][0]
+    assert (job["results"], job["errors"]) == (26, 4) and report["lost"] == 0
+    assert job["completed_s"] >= 3.0  # the hanging downloads were waited out, not skipped
+    # the wait counts as reservation idle time (it is real): the figure is not only the slot's view
+    assert report["max_reserved_idle_s"] >= 3.0
+    assert Scenario.model_validate(HANG_SCENARIO).ideal_makespan_model_s() == pytest.approx((26 * 0.01 + 7 * 0.01) / 2)

@@ -27,6 +27,7 @@ import os
 import random
 import shutil
 import signal
+import socketserver
 import sqlite3
 import subprocess
 import sys
@@ -85,8 +86,14 @@ class DrainSpec(_Spec):
 
 
 class BadImages(_Spec):
-    missing: int = 0
-    corrupt: int = 0
+    missing: int = 0  # 404
+    corrupt: int = 0  # a JPEG header over pixels that never decode
+    hanging: int = 0  # an image server that holds the request ``hang_s`` seconds, then answers garbage
+    hang_s: float = 10.0
+
+    @property
+    def total(self) -> int:
+        return self.missing + self.corrupt + self.hanging
 
 
 class JobSpec(_Spec):
@@ -152,7 +159,7 @@ class Scenario(_Spec):
         for job in self.jobs:
             if job.id in cancelled:
                 continue
-            good = max(0, job.images - job.bad_images.missing - job.bad_images.corrupt)
+            good = max(0, job.images - job.bad_images.total)
             per_pipeline[job.pipeline] = per_pipeline.get(job.pipeline, 0) + good
         images = sum(per_pipeline.values())
         batches = sum(math.ceil(n / self.drain.batch_size) for n in per_pipeline.values())
@@ -279,6 +286,69 @@ def prefect_db_stats(db_path: Path) -> dict[str, int] | None:
     return out
 
 
+class HangingImageServer:
+    """An image host that hangs: each request is held ``hang_s`` seconds (from its URL), then
+    answered 200 with bytes that are no image. A worker must neither lose the task nor let its
+    reservation lapse while the download hangs; the image ends as an error result (the download
+    times out, or the bytes do not decode)."""
+
+    BODY = b"<html>this is not an image</html>"
+
+    def __init__(self) -> None:
+        self._stop = threading.Event()
+        stop = self._stop
+        body = self.BODY
+
+        class Handler(socketserver.BaseRequestHandler):
+            def handle(self) -> None:
+                self.request.settimeout(2.0)
+                try:
+                    head = self.request.recv(65536).decode("latin-1")
+                    path = head.split(" ", 2)[1]  # /hang/<seconds>/<name>.jpg
+                    hang_s = float(path.split("/")[2])
+                except (OSError, IndexError, ValueError):
+                    hang_s = 0.0
+                stop.wait(hang_s)
+                try:
+                    self.request.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: image/jpeg\r\nContent-Length: "
+                                         + str(len(body)).encode() + b"\r\nConnection: close\r\n\r\n" + body)
+                except OSError:
+                    pass
+
+        self.server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self._thread = threading.Thread(target=self.server.serve_forever, name="hanging-images", daemon=True)
+
+    def start(self) -> "HangingImageServer":
+        self._thread.start()
+        return self
+
+    def url(self, hang_s: float, name: str) -> str:
+        return f"http://127.0.0.1:{self.server.server_address[1]}/hang/{hang_s:g}/{name}.jpg"
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def job_image_urls(base_url: str, spec: "JobSpec", width: int, height: int,
+                   hanging: HangingImageServer | None) -> list[str]:
+    """The job's image URLs on the local API, its broken ones spread evenly (hanging ones among the good)."""
+    bad = spec.bad_images
+    urls = demo_image_urls(base_url, spec.images, width, height, missing=bad.missing, corrupt=bad.corrupt,
+                           prefix=f"job{spec.id}")
+    if bad.hanging and hanging is not None:
+        good = [i for i, u in enumerate(urls) if "/images/demo/" in u]
+        if bad.hanging > len(good):
+            raise ValueError(f"job {spec.id}: cannot make {bad.hanging} of {len(good)} good images hang")
+        step = len(good) / bad.hanging
+        for k in range(bad.hanging):
+            i = good[int(k * step + step / 2)]
+            urls[i] = hanging.url(bad.hang_s, f"job{spec.id}-{i:06d}")
+    return urls
+
+
 # --- what the bench watches in the worker processes --------------------------------------------
 
 
@@ -381,6 +451,7 @@ class Bench:
         self._fault_log: list[dict[str, Any]] = []
         self._phases: list[float] | None = None
         self._unacked: list[tuple[float, int]] = []  # (seconds from time zero, tasks delivered and not acked)
+        self._hanging: HangingImageServer | None = None
 
     @property
     def transport(self) -> str:
@@ -409,6 +480,9 @@ class Bench:
             stack.callback(dev.stop)
             admin = AntennaAdmin(dev.api_url, dev.token)
             stack.callback(admin.close)
+            if any(j.bad_images.hanging for j in sc.jobs):
+                self._hanging = HangingImageServer().start()
+                stack.callback(self._hanging.stop)
             prefect_url = None
             if opt.orchestration == "prefect":
                 self._server = opt.prefect_server
@@ -547,9 +621,7 @@ class Bench:
             while events and events[0][0] <= now:
                 _, kind, spec = events.pop(0)
                 if kind == 0:
-                    urls = demo_image_urls(base, spec.images, sc.images.width, sc.images.height,
-                                           missing=spec.bad_images.missing, corrupt=spec.bad_images.corrupt,
-                                           prefix=f"job{spec.id}")
+                    urls = job_image_urls(base, spec, sc.images.width, sc.images.height, self._hanging)
                     submitted[spec.id] = time.time() - t0
                     self._submit(admin, spec, urls)
                 elif kind == 1:
