@@ -438,6 +438,35 @@ def run_compare_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_faults(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "faults",
+        help="Run the fault scenarios against the same mix without a fault; print the fault table.",
+        description="faults-none, then each faults-* scenario (one fault each on one mix): lost, dead-lettered, "
+        "duplicates, redeliveries, time to recover, throughput vs the no-fault run.",
+    )
+    parser.add_argument("--strategy", choices=["fair", "drain"], default="fair")
+    parser.add_argument("--orchestration", choices=["prefect", "plain"], default="plain",
+                        help="prefect also runs faults-prefect-down. Default plain.")
+    parser.add_argument("--only", nargs="*", default=None, metavar="NAME", help="Only these fault scenarios.")
+    parser.add_argument("--json", type=Path, default=None, metavar="OUT.json", help="Write every report here.")
+    parser.add_argument("--out-dir", type=Path, default=None, help="Keep worker logs and metrics here.")
+    parser.set_defaults(func=run_faults_command)
+
+
+def run_faults_command(args: argparse.Namespace) -> int:
+    from antenna_flows.lab.bench.faults import main as faults_main
+
+    argv = ["--strategy", args.strategy, "--orchestration", args.orchestration, "--log-level", "WARNING"]
+    if args.only:
+        argv += ["--only", *args.only]
+    if args.json:
+        argv += ["--json", str(args.json)]
+    if args.out_dir:
+        argv += ["--out-dir", str(args.out_dir)]
+    return faults_main(argv)
+
+
 # --- register ---------------------------------------------------------------------------------------
 
 
@@ -482,7 +511,7 @@ def run_register(args: argparse.Namespace) -> int:
 # --- the command ----------------------------------------------------------------------------------------
 
 SUBCOMMANDS: list[Callable[[Any], None]] = [
-    add_demo, add_worker, add_bench, add_compare, add_devstack, add_submit, add_jobs, add_register,
+    add_demo, add_worker, add_bench, add_compare, add_faults, add_devstack, add_submit, add_jobs, add_register,
 ]
 
 
