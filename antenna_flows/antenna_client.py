@@ -175,7 +175,7 @@ class AntennaClient:
         response = await self._request(
             "POST",
             f"/jobs/{job_id}/result/",
-            content=results_codec.dumps(body),  # score/logit arrays written without a Python float each
+            content=await results_codec.dumps_async(body),  # arrays written as they are, a result at a time
             headers={"Content-Type": "application/json"},
         )
         try:

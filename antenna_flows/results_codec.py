@@ -15,10 +15,17 @@ The JSON is what pydantic's ``model_dump_json`` writes, field for field and key 
 except that a float32 is written in its own shortest form (``0.1`` rather than
 ``0.10000000149011612``): the same float32 once read back, and about half the bytes.
 Antenna reads it with its pydantic schema like any other result (tests validate it).
+
+Measured on the shared 2-core development VM (``python tests/test_results_codec.py``): one batch
+of 16 images x 40 detections x 29,176 classes took 14.5 s from the stage outputs to the POST
+body the old way (762 MB of JSON) and 1.0 s now (450 MB), nearly all of it orjson formatting
+floats. orjson holds the GIL while it writes, so on the event loop use :func:`dumps_async`, which
+writes one result at a time and lets other tasks run in between.
 """
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import orjson
@@ -47,3 +54,23 @@ def dumps(model: BaseModel | Any) -> bytes:
     """``model`` (e.g. a :class:`~antenna_flows.schemas.ResultsRequest`) as JSON bytes, the
     float arrays in it written by orjson without a Python float each."""
     return orjson.dumps(to_jsonable(model), default=_fallback, option=OPTIONS)
+
+
+async def dumps_async(model: BaseModel | Any, field: str = "results") -> bytes:
+    """:func:`dumps`, byte for byte, written one element of ``model.<field>`` at a time with the
+    event loop free in between: a big batch stalls other tasks (heartbeats, downloads) for one
+    image's result (~60 ms for the global model), not for the whole body."""
+    data = to_jsonable(model)
+    if not isinstance(data, dict) or not isinstance(data.get(field), list) or len(data[field]) < 2:
+        return dumps(data)
+    parts = []
+    for key, value in data.items():
+        if key != field:
+            parts.append(orjson.dumps(key) + b":" + orjson.dumps(value, default=_fallback, option=OPTIONS))
+            continue
+        items = []
+        for item in value:
+            items.append(orjson.dumps(item, default=_fallback, option=OPTIONS))
+            await asyncio.sleep(0)
+        parts.append(orjson.dumps(key) + b":[" + b",".join(items) + b"]")
+    return b"{" + b",".join(parts) + b"}"
