@@ -284,10 +284,14 @@ def build_rows(
             return _int(detail.get(name)) if isinstance(detail, dict) else None  # local API: sampled stats
 
         rows.append(
-            {
+            {  # column order is the UI's: what an operator reads first, then the field report's columns
                 "job_id": job_id,
                 "pipeline": counts.pipeline,
                 "status": counts.status,
+                "progress_pct": round(100.0 * processed / total, 1) if total and processed is not None else None,
+                "images_per_s_1m": None if rate is None else round(rate, 3),
+                "eta": human_duration(eta_s),
+                "workers": ", ".join(served.get(job_id, [])),
                 "msgs": queue_field("messages"),
                 "pending": queue_field("pending"),
                 "ack_pending": queue_field("ack_pending"),
@@ -297,11 +301,7 @@ def build_rows(
                 "errors": counts.errors,
                 "processed": processed,
                 "total": total,
-                "progress_pct": round(100.0 * processed / total, 1) if total and processed is not None else None,
-                "images_per_s_1m": None if rate is None else round(rate, 3),
-                "eta": human_duration(eta_s),
                 "eta_s": None if eta_s is None else round(eta_s, 1),
-                "workers": ", ".join(served.get(job_id, [])),
                 "read_at": iso_time(now),
             }
         )
