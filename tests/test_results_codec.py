@@ -12,13 +12,16 @@ import argparse
 import datetime as dt
 import json
 import math
+import threading
 import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
 import pytest
 import torch
 
 from antenna_flows import results_codec
+from antenna_flows.antenna_client import AntennaClient
 from antenna_flows.models.ami import _classifications
 from antenna_flows.models.engine import StageOutput
 from antenna_flows.schemas import (
@@ -153,6 +156,42 @@ def test_lists_and_odd_arrays_still_serialise():
                                                    inference_time=None, algorithm=BINARY, terminal=True,
                                                    timestamp=dt.datetime.now(dt.timezone.utc))
         assert_same_json(json.loads(results_codec.dumps(c)), json.loads(c.model_dump_json()))
+
+
+async def test_post_results_sends_the_fast_json_to_antenna():
+    """AntennaClient.post_results over real HTTP (127.0.0.1): the body it sends is the codec's,
+    and Antenna's schema reads it."""
+    received: list[bytes] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # noqa: N802
+            received.append(self.rfile.read(int(self.headers["Content-Length"])))
+            answer = json.dumps({"status": "accepted", "job_id": 7, "results_queued": 0, "tasks": []}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(answer)))
+            self.end_headers()
+            self.wfile.write(answer)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    client = AntennaClient(f"http://127.0.0.1:{httpd.server_address[1]}/api/v2", "token")
+    try:
+        body = batch(images=2, detections=3, classes=40)
+        answer = await client.post_results(7, body.results)
+    finally:
+        await client.aclose()
+        httpd.shutdown()
+        httpd.server_close()
+    assert answer.job_id == 7
+    [sent] = received
+    parsed = ResultsRequest.model_validate_json(sent)
+    assert len(parsed.results) == 3 and parsed.client_info is not None
+    slow = ResultsRequest(results=body.results, client_info=parsed.client_info).model_dump_json()
+    assert_same_json(json.loads(sent), json.loads(slow))
 
 
 def measure(images: int = 16, detections: int = 40, classes: int = GLOBAL_CLASSES, repeat: int = 1) -> dict[str, float]:
