@@ -366,7 +366,7 @@ def loose_image_id(data: bytes) -> str | None:
         return None
     try:
         value = json.loads(data).get("image_id")
-    except (ValueError, AttributeError, UnicodeDecodeError):
+    except (ValueError, AttributeError, UnicodeDecodeError, RecursionError):  # deep nesting: RecursionError
         return None
     if isinstance(value, bool) or not isinstance(value, (str, int)):
         return None

@@ -27,7 +27,7 @@ import pytest
 from PIL import Image
 
 from antenna_flows.imageloader import FORMATS, ImageError, ImageLoader, _host_allowed
-from antenna_flows.jetstream import MAX_TASK_BYTES, MAX_TASK_ID_CHARS, parse_task
+from antenna_flows.jetstream import MAX_TASK_BYTES, MAX_TASK_ID_CHARS, loose_image_id, parse_task
 from antenna_flows.lab.antenna.natsserver import EmbeddedNats
 from antenna_flows.models.ami import AmiModel
 from antenna_flows.settings import WorkerSettings
@@ -351,12 +351,22 @@ def test_malformed_task_bodies_are_clear_errors_never_exceptions(body, message):
     task, error = parse_task(body)
     assert task is None and error is not None and error.startswith("malformed task: ")
     assert message in error and len(error) < 300, error  # never echoes a huge body
+    loose = loose_image_id(body)  # what the worker reads from a malformed body to answer it
+    assert loose is None or len(loose) <= MAX_TASK_ID_CHARS
     assert time.perf_counter() - start < 0.5
+
+
+@pytest.mark.parametrize("body", [b"[" * 30_000 + b"]" * 30_000, b'{"a":' * 10_000 + b"1" + b"}" * 10_000])
+def test_deeply_nested_bodies_under_the_size_limit(body):
+    assert len(body) <= MAX_TASK_BYTES
+    assert parse_task(body) == (None, parse_task(body)[1]) and "recursion limit" in parse_task(body)[1]
+    assert loose_image_id(body) is None  # the stdlib json parser raises RecursionError here
 
 
 def test_a_well_formed_task_still_parses():
     task, error = parse_task(_task("12345", reply_subject="$JS.ACK.x", unknown="ignored"))
     assert error is None and task is not None and task.image_id == "12345"
+    assert loose_image_id(b'{"image_id": 12345, "image_url": 5}') == "12345"  # malformed, but names its image
     assert parse_task(_task("9" * MAX_TASK_ID_CHARS))[1] is None  # the limit itself is fine
 
 
