@@ -233,6 +233,15 @@ async def test_a_redirect_off_http_is_refused(server, target):
     assert target.startswith("data:") or f"scheme '{target.split(':')[0]}' is not http or https" in str(error)
 
 
+async def test_a_shared_client_that_follows_redirects_does_not_bypass_the_checks(server):
+    async with httpx.AsyncClient(follow_redirects=True) as client:
+        loader = ImageLoader(client, max_redirects=1)
+        with pytest.raises(ImageError, match="scheme 'file'"):
+            await loader.load(f"{server}/to?loc=file:///etc/passwd")
+        with pytest.raises(ImageError, match="more than 1 redirects"):
+            await loader.load(f"{server}/hops/2")
+
+
 async def test_relative_redirects_work(server):
     assert (await _load(f"{server}/to?loc=/good.jpg")).size == (64, 48)
 
