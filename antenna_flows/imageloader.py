@@ -46,9 +46,11 @@ class ImageError(Exception):
 
 
 def short(url: str, limit: int = 200) -> str:
-    """``url`` for a message: a hostile 1 MB URL must not become a 1 MB error result or log line."""
+    """``url`` for a message: a hostile 1 MB URL must not become a 1 MB error result or log line,
+    nor control characters (CR/LF, NUL...) one that forges log lines."""
     url = str(url)
-    return url if len(url) <= limit else f"{url[:limit]}... ({len(url)} chars)"
+    cut = url if len(url) <= limit else f"{url[:limit]}... ({len(url)} chars)"
+    return cut if cut.isprintable() else "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in cut)
 
 
 def _host_allowed(host: str, hosts: tuple[str, ...]) -> bool:
@@ -113,13 +115,15 @@ class ImageLoader:
         try:
             parsed = httpx.URL(url)
         except (httpx.InvalidURL, ValueError, TypeError) as exc:
-            raise ImageError(f"refused {what}: not a valid URL ({exc}): {short(url)}") from exc
+            raise ImageError(f"refused {what}: not a valid URL ({short(str(exc))}): {short(url)}") from exc
         scheme = parsed.scheme.lower()
         if scheme not in SCHEMES:
             why = f"scheme {scheme!r} is not http or https" if scheme else "no scheme (http:// or https:// expected)"
             raise ImageError(f"refused {what}: {why}: {short(url)}")
         if not parsed.host:
             raise ImageError(f"refused {what}: no host: {short(url)}")
+        if parsed.port is not None and not 0 < parsed.port < 65536:
+            raise ImageError(f"refused {what}: port {parsed.port} out of range: {short(url)}")
         if self.hosts and not _host_allowed(parsed.host, self.hosts):
             raise ImageError(
                 f"refused {what}: host {short(parsed.host, 100)!r} is not in the allowed image hosts "
@@ -143,6 +147,11 @@ class ImageLoader:
                 raise ImageError(f"image download failed: {type(exc).__name__}: {short(str(exc))} ({short(url)})") from exc
             except httpx.InvalidURL as exc:  # httpx builds the next request of a redirect even when not following it
                 raise ImageError(f"refused redirect: unusable Location ({short(str(exc))}) from {short(url)}") from exc
+            except ImageError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - whatever else breaks is still this image's failure, not the worker's
+                log.warning("unexpected error downloading %s", short(url), exc_info=True)
+                raise ImageError(f"image download failed: {type(exc).__name__}: {short(str(exc))} ({short(url)})") from exc
 
     async def _fetch(self, url: str) -> bytes:
         current = url

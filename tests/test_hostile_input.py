@@ -211,11 +211,15 @@ async def _load(url: str, **options):
     ("http:///good.jpg", "no host"),
     ("", "empty"),
     ("http://127.0.0.1/" + "a" * 60_000, "60017 characters"),
+    ("http://127.0.0.1:99999/good.jpg", "port 99999 out of range"),
+    ("http://127.0.0.1/a\r\nX-Forged: 1", "not a valid URL"),
+    ("http://127.0.0.1/a\x00b", "not a valid URL"),
 ])
 async def test_urls_that_are_not_http_are_refused_before_any_connection(server, url, why):
     before = sum(hits.values())
     error, _ = await _refused(url, f"refused image URL: {why}")
     assert sum(hits.values()) == before
+    assert str(error).isprintable(), "control characters must not reach error results and logs"
 
 
 async def test_redirects_are_followed_up_to_the_cap(server):
