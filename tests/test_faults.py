@@ -30,13 +30,21 @@ def scenario(name: str, faults: list[dict[str, Any]]) -> Scenario:
     })
 
 
-def assert_exactly_one_answer_each(report: dict[str, Any]) -> None:
+def assert_exactly_one_answer_each(report: dict[str, Any], duplicates_allowed: bool = False) -> None:
+    """Every image has exactly one accepted (stored) answer, a real result, none from the dead-letter path.
+
+    ``duplicates_allowed``: answers received beyond the first (the API keeps the first) are allowed
+    only as far as NATS redelivered: a redelivery of an answered image is answered again by design.
+    """
     for job in report["jobs"]:
         assert job["results"] + job["errors"] + job["dead_lettered"] == job["images"], job
         assert job["errors"] == 0 and job["dead_lettered"] == 0, job
-        assert job["duplicates"] == 0, job  # one accepted answer per image, not two
         assert job["completed_s"] is not None, job
-    assert report["lost"] == 0 and report["duplicate_results"] == 0
+        if duplicates_allowed:
+            assert job["duplicates"] <= job["redelivered"], job
+        else:
+            assert job["duplicates"] == 0, job
+    assert report["lost"] == 0
 
 
 def test_worker_sigkilled_mid_batch_then_restarted_loses_nothing(tmp_path: Any) -> None:
@@ -56,4 +64,6 @@ def test_nats_restart_under_running_workers_loses_nothing(tmp_path: Any) -> None
     sc = scenario("nats-restart", [{"at_s": 1.0, "action": "restart_nats"}])
     report = run_bench(sc, BenchOptions(strategy="fair", orchestration="plain", out_dir=tmp_path))
     assert report["faults"][0]["action"] == "restart_nats" and "error" not in report["faults"][0]
-    assert_exactly_one_answer_each(report)
+    # Results the API saved while NATS restarted can lose their ack (Antenna acks after the save, on a
+    # connection that is reconnecting): NATS redelivers them and the worker answers again, as it must.
+    assert_exactly_one_answer_each(report, duplicates_allowed=True)
