@@ -103,13 +103,17 @@ def take_over_sigterm() -> None:
         pass
 
 
-def _cancel_intent() -> bool:
-    """Did the runner say this SIGTERM is a cancel from the UI/API (its control channel)?"""
-    try:
-        from prefect._internal.control_listener import get_intent
+try:  # the runner's control channel (Prefect 3.9): "cancel" before it SIGTERMs a run cancelled in the UI
+    from prefect._internal.control_listener import get_intent as _get_intent
+except Exception:  # noqa: BLE001 - private API: absent means no intent (the API state is read instead)
+    _get_intent = None
 
-        return get_intent() == "cancel"
-    except Exception:  # noqa: BLE001 - private API: absent means no intent
+
+def _cancel_intent() -> bool:
+    """Did the runner say this SIGTERM is a cancel from the UI/API?"""
+    try:
+        return _get_intent is not None and _get_intent() == "cancel"
+    except Exception:  # noqa: BLE001
         return False
 
 

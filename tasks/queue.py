@@ -26,6 +26,7 @@ import asyncio
 import contextvars
 import logging
 import re
+import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable
@@ -40,7 +41,8 @@ from tasks.retry import is_retryable
 log = logging.getLogger(__name__)
 
 WINDOW_S = 30.0
-START_GRACE_S = 2.0
+START_GRACE_S = 2.0  # a unit no window has taken by then runs plainly
+PLAIN_FOR_S = 30.0  # ... and so do the units after it for this long, then windows are tried again
 _LABEL_JOB = re.compile(r"job (\d+) x(\d+)")
 
 
@@ -142,6 +144,7 @@ class WorkQueue:
         self.closed = False
         self.windows = 0
         self.plain_units = 0
+        self.plain_until = 0.0  # after a window failed or came late: units run plainly until then
         self._open: set[asyncio.Task[Any]] = set()
         self._warned = False
 
@@ -150,6 +153,10 @@ class WorkQueue:
     async def submit(self, kind: str, fn: Callable[[], Awaitable[Any]], delays: list[float], label: str,
                      jobs: dict[int, int]) -> Any:
         unit = Unit(kind, fn, delays, label, jobs)
+        if time.monotonic() < self.plain_until:  # windows failed a moment ago: do not wait on them
+            unit.taken = True
+            self.plain_units += 1
+            return (await execute(unit))[0]
         self.pending.append(unit)
         self._arrived.set()
         self._ensure_window()
@@ -160,6 +167,7 @@ class WorkQueue:
                 return await unit.future
         unit.taken = True  # no window took it in time: Prefect is slow or down, the work is not
         self._warn(f"no window took {unit.label!r} within {self.start_grace_s:g}s")
+        self.plain_until = time.monotonic() + PLAIN_FOR_S
         self.plain_units += 1
         result, _ = await execute(unit)
         return result
@@ -181,6 +189,7 @@ class WorkQueue:
             await self.open_window(number)
         except Exception as exc:  # noqa: BLE001 - the record failed, not the work
             self._warn(f"window {number} failed: {exc!r}")
+            self.plain_until = time.monotonic() + PLAIN_FOR_S
         finally:
             if self.accepting == number:
                 self.accepting = None

@@ -32,6 +32,7 @@ import antenna_flows.prefect_env  # noqa: F401 - before prefect
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName
 from prefect.settings import PREFECT_API_URL
+from prefect.states import Cancelling
 from prefect.testing.utilities import prefect_test_harness
 
 from antenna_flows.lab.antenna.admin import AsyncAntennaAdmin
@@ -47,9 +48,11 @@ REPO = Path(__file__).resolve().parents[1]
 RUN_WORKER = """
 import asyncio, json, sys
 from flows.worker import fair_worker
-totals = asyncio.run(fair_worker(worker_name=sys.argv[1], settings_overrides=json.loads(sys.argv[2]),
-                                 window_s=float(sys.argv[3])))
-print("TOTALS " + json.dumps(totals), flush=True)
+state = asyncio.run(fair_worker(worker_name=sys.argv[1], settings_overrides=json.loads(sys.argv[2]),
+                                window_s=float(sys.argv[3]), return_state=True))
+print("STATE " + state.type.value, flush=True)
+if state.is_completed():
+    print("TOTALS " + json.dumps(state.result()), flush=True)
 """
 
 
@@ -134,9 +137,11 @@ async def test_the_record_grows_with_time_not_images(prefect_server, stack, monk
     assert all("job 401:" in (t.state.message or "") for t in windows if "0 posts" not in (t.state.message or ""))
 
 
-async def test_sigterm_finishes_the_batch_and_the_run_completes(prefect_server, stack, tmp_path):
+@pytest.mark.parametrize("cancel", [False, True], ids=["sigterm", "cancel-then-sigterm"])
+async def test_sigterm_finishes_the_batch_and_the_run_completes(prefect_server, stack, tmp_path, cancel):
+    """SIGTERM: Completed. A cancel (the run Cancelling, then the runner's SIGTERM): Cancelled. Never Crashed."""
     job = stack.create_job(PIPELINE, 400, job_id=402)
-    name = "sigterm-worker"
+    name = "cancel-worker" if cancel else "sigterm-worker"
     log_path = tmp_path / "worker.log"
     proc = start_worker(name, overrides(stack, sim_seconds_per_image=0.02, session_max_s=600, max_runtime_s=120),
                         prefect_server, stack.token, tmp_path, 30.0, log_path)
@@ -146,17 +151,23 @@ async def test_sigterm_finishes_the_batch_and_the_run_completes(prefect_server, 
                 assert proc.poll() is None, log_path.read_text()[-3000:]
                 return (await admin.job(job.id)).results >= 20
             await wait_for(started, 120, "the worker's first results")
+            if cancel:  # what the UI's cancel does before the runner signals the process
+                (run,) = [r for r in await flow_runs(name) if r.name == name]
+                async with get_client() as client:
+                    await client.set_flow_run_state(run.id, Cancelling(), force=True)
             proc.send_signal(signal.SIGTERM)
             rc = await asyncio.to_thread(proc.wait, 60)
             output = log_path.read_text()
             assert rc == 0, output[-3000:]
             assert "TerminationSignal" not in output and "Crash detected" not in output, output[-3000:]
-            assert "stopped (SIGTERM)" in output and "released" in output, output[-3000:]
-            totals = json.loads(output.split("TOTALS ", 1)[1].splitlines()[0])
-            assert 20 <= totals["images"] < 400
-
+            assert "stopped (SIGTERM" in output and "released" in output, output[-3000:]
             (run,) = [r for r in await flow_runs(name) if r.name == name]
-            assert run.state.is_completed(), run.state
+            if cancel:
+                assert "STATE CANCELLED" in output and run.state.is_cancelled(), run.state
+            else:
+                assert "STATE COMPLETED" in output and run.state.is_completed(), run.state
+                totals = json.loads(output.split("TOTALS ", 1)[1].splitlines()[0])
+                assert 20 <= totals["images"] < 400
             sessions = await flow_runs(f"{name}-session-")
             assert sessions and not any(s.state.is_crashed() for s in sessions)
 
@@ -226,3 +237,61 @@ def _read_runs(env: dict[str, str], prefix: str) -> dict[str, str]:
     out = subprocess.run([sys.executable, "-c", code, prefix], env={**os.environ, **env}, capture_output=True,
                          text=True, timeout=60, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+async def test_units_run_when_windows_cannot_start(caplog):
+    """A window that fails, or never starts, costs the work at most one grace period, then none."""
+    from tasks.queue import WorkQueue
+
+    async def broken(number: int) -> None:
+        raise RuntimeError("Prefect task engine unavailable")
+
+    async def hung(number: int) -> None:
+        await asyncio.sleep(3600)
+
+    for open_window in (broken, hung):
+        queue = WorkQueue("plain-fallback", window_s=1.0, start_grace_s=0.2, open_window=open_window)
+        done: list[int] = []
+
+        async def unit(i: int) -> int:
+            done.append(i)
+            return i
+
+        started = time.monotonic()
+        results = [await queue.submit("post", lambda i=i: unit(i), [], f"post job 1 x{i}", {1: i}) for i in range(20)]
+        assert results == list(range(20)) and done == list(range(20))
+        assert time.monotonic() - started < 1.0  # the grace is paid once, not per unit
+        await queue.close(timeout_s=0.1)
+    assert caplog.text.count("Prefect record unavailable") == 2  # one line per worker, not per unit
+
+
+async def test_a_window_takes_concurrent_units_and_counts_them():
+    from tasks.queue import WorkQueue
+
+    tallies: list[tuple[dict[str, Any], str]] = []
+    queue: WorkQueue
+
+    async def window(number: int) -> None:
+        tallies.append(await queue.serve(number, 0.5))
+
+    queue = WorkQueue("counting", window_s=0.5, open_window=window)
+    attempts = {"n": 0}
+
+    async def flaky_post() -> None:
+        attempts["n"] += 1
+        if attempts["n"] == 1:
+            raise ConnectionResetError("reset")
+
+    async def reserve() -> int:
+        return 3
+
+    await asyncio.gather(
+        queue.submit("post", flaky_post, [0.0], "post job 7 x4, job 8 x2", {7: 4, 8: 2}),
+        queue.submit("reserve", reserve, [], "reserve job 7 x3", {7: 3}),
+    )
+    await queue.close()
+    (summary, message), = tallies
+    assert summary["posts"] == 1 and summary["posted"] == 6 and summary["retries"] == 1
+    assert summary["reservations"] == 1 and summary["reserved"] == 3
+    assert summary["jobs"] == {"7": {"posted": 4, "asked": 3}, "8": {"posted": 2}}
+    assert "job 7: " in message and "1 retries" in message
