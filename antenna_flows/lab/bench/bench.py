@@ -931,6 +931,11 @@ def format_report(report: dict[str, Any]) -> str:
         f"errors={report['errors']} dead_lettered={report.get('dead_lettered', 0)} "
         f"max_reserved_idle={report['max_reserved_idle_s']}s (ack_wait {report['ack_wait_s']}s)"
     )
+    lines.append(
+        f"reservation idle: max {report['max_reserved_idle_s']}s, p99 of batches {report.get('reserved_idle_p99_s')}s "
+        f"(workers' clocks); delivery to ack, mean {report.get('mean_unacked_s')}s over "
+        f"{report.get('mean_unacked_tasks')} unacked tasks (NATS, Little's law)"
+    )
     if report.get("drain_start_phase_s"):
         lines.append(f"drain start phases (s into the idle sleep at time zero): {report['drain_start_phase_s']}")
     if report.get("api_requests"):
