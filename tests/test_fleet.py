@@ -216,6 +216,41 @@ def test_killed_worker_run_is_replaced_and_serving_within_60_s(prefect_server, s
         log.close()
 
 
+# --- ad-hoc runs ---------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def prefect_harness():
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.mark.prefect
+async def test_process_jobs_serves_only_the_named_jobs_and_exits_when_they_are_done(prefect_harness, stack, monkeypatch):
+    from flows.process_jobs import process_jobs
+
+    monkeypatch.setenv("AMI_ANTENNA_API_TOKEN", stack.token)
+    named = [stack.create_job(PIPELINE, n, job_id=j) for j, n in ((611, 12), (612, 5))]
+    other = stack.create_job(PIPELINE, 7, job_id=613)
+    started = time.monotonic()
+    totals = await process_jobs(
+        job_ids=[612, 611],
+        model_kind="sim",
+        antenna_api_url=stack.api_url,
+        nats_url=stack.nats_url,
+        max_runtime_s=60,
+        settings_overrides=dict(sim_seconds_per_image=0.005, sim_seconds_per_batch=0.005, discovery_interval_s=0.2,
+                                session_idle_s=0.5, max_batch_size=4),
+    )
+    assert time.monotonic() - started < 45, "process-jobs did not exit when its jobs were done"
+    assert totals["images"] == 17, totals
+    assert [job(stack, j.id)["status"] for j in named] == ["SUCCESS", "SUCCESS"]
+    untouched = job(stack, other.id)
+    assert (untouched["results"], untouched["ack_pending"], untouched["pending"]) == (0, 0, 7), untouched
+
+
 # --- the fleet spec -----------------------------------------------------------------------------
 
 
