@@ -39,7 +39,7 @@ ADVISORY_STREAM = "advisories"
 ADVISORY_SUBJECTS = ["$JS.EVENT.ADVISORY.>"]
 ADVISORY_MAX_AGE_S = 3600
 STREAM_CREATED_SUBJECT = "$JS.EVENT.ADVISORY.STREAM.CREATED.*"
-PULL_TIMEOUT_S = 5.0  # an answer to a no_wait pull comes in ~1 ms; this only bounds a dead server
+PULL_TIMEOUT_S = 1.0  # an answer to a no_wait pull comes in ~1 ms; this bounds a dead or reconnecting server
 
 
 def stream_name(job_id: int) -> str:

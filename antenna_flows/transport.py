@@ -21,7 +21,7 @@ import logging
 from typing import Awaitable, Callable, Protocol
 
 from antenna_flows.antenna_client import AntennaClient, Rejected
-from antenna_flows.jetstream import JobQueue, QueueConfig, Reservation, StreamGone
+from antenna_flows.jetstream import JobQueue, QueueConfig, Reservation, StreamGone, task_problem
 
 log = logging.getLogger(__name__)
 
@@ -119,10 +119,12 @@ class RestTransport:
             if exc.status == 404:
                 raise StreamGone(job_id) from exc
             raise
-        return [
-            Reservation(job_id=job_id, task=t, parse_error=None, reply_subject=t.reply_subject or "")
-            for t in tasks
-        ]
+        out = []
+        for t in tasks:
+            problem = task_problem(t)  # absurd ids: a malformed task, as over NATS
+            out.append(Reservation(job_id=job_id, task=None if problem else t, parse_error=problem,
+                                   reply_subject=t.reply_subject or "", loose_image_id=None))
+        return out
 
     async def nak(self, r: Reservation, delay_s: float) -> None:
         """No way to hand a task back over REST: it returns to the queue after ack_wait."""

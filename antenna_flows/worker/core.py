@@ -125,10 +125,7 @@ class FairWorker:
         """Serve until stopped (signal, ``max_runtime_s``, done, or a fatal error); returns the totals."""
         s = self.settings
         self.client = AntennaClient(s.antenna_api_url, s.antenna_api_token, timeout_s=s.http_timeout_s, worker_name=self.name)
-        self.loader = ImageLoader(
-            timeout_s=s.image_timeout_s, max_bytes=s.image_max_bytes, max_pixels=s.image_max_pixels,
-            concurrency=s.download_concurrency,
-        )
+        self.loader = ImageLoader.from_settings(s)
         background: list[asyncio.Task[Any]] = []
         try:
             if self.transport is None:

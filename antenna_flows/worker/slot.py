@@ -111,6 +111,8 @@ async def run_batch(w: "FairWorker", pipeline: str, counts: dict[int, int], batc
             await loop.run_in_executor(executor, w.model.load, pipeline)
             w.loaded.add(pipeline)
         except UnknownPipeline:
+            log.warning("worker %s: pipeline %r is unknown to model %s: %d error results", w.name, pipeline,
+                        w.model.kind, len(inputs))
             for held, item in inputs:
                 held.result = PipelineResultsError(error=f"unknown pipeline {pipeline!r}", image_id=item.task.image_id)
             inputs = []

@@ -90,8 +90,7 @@ class DrainWorker:
     async def run(self) -> dict[str, Any]:
         s = self.settings
         self.client = AntennaClient(s.antenna_api_url, s.antenna_api_token, timeout_s=s.http_timeout_s, worker_name=self.name)
-        self.loader = ImageLoader(timeout_s=s.image_timeout_s, max_bytes=s.image_max_bytes, max_pixels=s.image_max_pixels,
-                                  concurrency=8)
+        self.loader = ImageLoader.from_settings(s)
         stopper = asyncio.create_task(self._stop_after(s.max_runtime_s)) if s.max_runtime_s else None
         try:
             await self._prepare_models()
