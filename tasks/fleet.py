@@ -107,14 +107,14 @@ async def fleet_runs(client: PrefectClient) -> dict[str, list[FlowRun]]:
     return by_slot
 
 
-async def last_run_id(client: PrefectClient, slot: Slot) -> str:
-    """The id of the slot's newest run in any state ("none" if it never had one)."""
+async def last_run(client: PrefectClient, slot: Slot) -> FlowRun | None:
+    """The slot's newest run in any state (None if it never had one)."""
     runs = await client.read_flow_runs(
         flow_run_filter=FlowRunFilter(tags=FlowRunFilterTags(all_=[FLEET_TAG, slot.tag])),
         sort=FlowRunSort.EXPECTED_START_TIME_DESC,
         limit=1,
     )
-    return str(runs[0].id) if runs else "none"
+    return runs[0] if runs else None
 
 
 async def last_heartbeat(client: PrefectClient, run_id: UUID, since: dt.datetime) -> dt.datetime | None:
@@ -253,6 +253,10 @@ async def _keep_slot(
     if dry_run:
         report.state = "(dry run)"
         return
+    previous = await last_run(client, slot)
+    if previous is not None:
+        state = previous.state.name if previous.state else "?"
+        report.detail = (report.detail + "; " if report.detail else "") + f"replaces {previous.name} ({state})"
     run = await run_deployment(
         slot.deployment,
         parameters=slot.parameters,
@@ -263,7 +267,7 @@ async def _keep_slot(
         as_subflow=False,
         client=client,
         # Two passes at once (the schedule and the trigger) that saw the same last run make one run.
-        idempotency_key=f"fleet:{slot.name}:after:{await last_run_id(client, slot)}",
+        idempotency_key=f"fleet:{slot.name}:after:{previous.id if previous else 'none'}",
     )
     if run.state and run.state.is_final():  # the key matched a run that already ended: next pass
         report.action = "wait"
