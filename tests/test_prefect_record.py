@@ -295,3 +295,31 @@ async def test_a_window_takes_concurrent_units_and_counts_them():
     assert summary["reservations"] == 1 and summary["reserved"] == 3
     assert summary["jobs"] == {"7": {"posted": 4, "asked": 3}, "8": {"posted": 2}}
     assert "job 7: " in message and "1 retries" in message
+
+
+async def test_rollover_starts_the_next_run_of_the_deployment(prefect_server):
+    """max_runtime_s ended a deployment's run: the next run is created with the same parameters.
+
+    A fleet slot's run (tag ``fleet``) is left to the fleet keeper (it starts the next one when this
+    one Completes), so no second run competes for the slot.
+    """
+    import logging
+
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
+
+    from flows.worker import _roll_over
+
+    deployment_id = await (await fair_worker.ato_deployment(name="rollover-test")).apply()
+    params = {"worker_name": "gpu-host-0", "device": "cuda:0"}
+    async with get_client() as client:
+        first = await client.create_flow_run_from_deployment(deployment_id, parameters=params, name="gpu-host-0")
+        fleet = await client.create_flow_run_from_deployment(deployment_id, parameters=params, tags=["fleet"],
+                                                             name="gpu-host-0")
+        await _roll_over(first, logging.getLogger("test"))
+        await _roll_over(fleet, logging.getLogger("test"))
+        runs = await client.read_flow_runs(
+            deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment_id])))
+    assert len(runs) == 3  # the two above and one rollover
+    (nxt,) = [r for r in runs if r.id not in (first.id, fleet.id)]
+    assert nxt.parameters == params and nxt.name == "gpu-host-0" and "fleet" not in nxt.tags
+    assert nxt.state.is_scheduled()
