@@ -29,12 +29,13 @@ directly: ``antenna-flows worker``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import logging
 import os
 import signal
 import time
-from typing import Any, Awaitable, Callable
+from typing import Any, Awaitable, Callable, Iterator
 
 import antenna_flows.prefect_env  # noqa: F401 - before prefect
 from prefect import flow, get_run_logger
@@ -54,6 +55,7 @@ log = logging.getLogger(__name__)
 REPORT_EVERY_S = 300.0  # a running worker's table artifact at most this often (final: always)
 REPORT_TIMEOUT_S = 10.0  # an artifact write waits no longer (the API may be down)
 SESSION_START_GRACE_S = 2.0  # a session subflow not started by then runs without its record
+FIRST_SESSION_GRACE_S = 15.0  # the first opens before any work waits on it (start-up, often CPU-bound)
 SESSION_END_GRACE_S = 1.0  # the work of a session is done: wait no longer for its record to close
 PLAIN_SESSIONS_FOR_S = 60.0  # after one could not start: sessions run plainly this long, then try again
 RESERVE_RETRIES = 3
@@ -85,6 +87,30 @@ def _on_sigterm(signum: int, frame: Any) -> None:
     reason = "SIGTERM (cancel requested)" if _cancel_intent() else "SIGTERM"
     for loop, stop in list(_STOPPERS.values()):
         loop.call_soon_threadsafe(stop, reason)
+
+
+@contextlib.contextmanager
+def graceful_sigterm() -> Iterator[None]:
+    """For the worker flow's lifetime, Prefect's SIGTERM bridge *is* the graceful stop.
+
+    Every subflow's engine re-installs ``prefect.utilities.engine._prefect_sigterm_handler``
+    when it starts (``capture_sigterm``, looked up by name), some milliseconds before the
+    session body can call :func:`take_over_sigterm`: a SIGTERM landing there would still raise
+    ``TerminationSignal`` into whatever the event loop was doing. Pointing that name at the
+    graceful stop closes the gap. Prefect is pinned (3.9.1); if the name is gone, the
+    per-subflow take-over above still covers all but those milliseconds.
+    """
+    import prefect.utilities.engine as engine
+
+    original = getattr(engine, "_prefect_sigterm_handler", None)
+    patched = original is not None and original is not _on_sigterm
+    if patched:
+        engine._prefect_sigterm_handler = _on_sigterm  # type: ignore[attr-defined]
+    try:
+        yield
+    finally:
+        if patched:
+            engine._prefect_sigterm_handler = original  # type: ignore[attr-defined]
 
 
 def take_over_sigterm() -> None:
@@ -192,7 +218,8 @@ class PrefectOrchestrator:
         _SESSIONS[self.worker] = body
         run = asyncio.create_task(self._subflow(number), name=f"{self.worker}-session-{number}")
         waiter = asyncio.create_task(started.wait())
-        await asyncio.wait({run, waiter}, timeout=SESSION_START_GRACE_S, return_when=asyncio.FIRST_COMPLETED)
+        grace = FIRST_SESSION_GRACE_S if number == 1 else SESSION_START_GRACE_S
+        await asyncio.wait({run, waiter}, timeout=grace, return_when=asyncio.FIRST_COMPLETED)
         waiter.cancel()
         if "subflow" in claim:
             ended = asyncio.create_task(finished.wait())
@@ -227,7 +254,7 @@ class PrefectOrchestrator:
                 return {"session": number, "interrupted": True}
             self._warn_session(f"session {number} subflow failed to start: {exc!r}")
         else:
-            self._warn_session(f"session {number} subflow not started within {SESSION_START_GRACE_S:g}s")
+            self._warn_session(f"session {number} subflow not started within {grace:g}s")
             self._track_late(run)  # it will find the session claimed and end at once
         return await fn()
 
@@ -363,7 +390,8 @@ async def fair_worker(
     take_over_sigterm()
     logger.info("worker %s starting (model %s, pipelines %s)", settings.worker_name, model.kind, sorted(worker.served))
     try:
-        totals = await worker.run()
+        with graceful_sigterm():
+            totals = await worker.run()
     finally:
         _STOPPERS.pop(settings.worker_name, None)
         await orchestrator.close()

@@ -323,3 +323,18 @@ async def test_rollover_starts_the_next_run_of_the_deployment(prefect_server):
     (nxt,) = [r for r in runs if r.id not in (first.id, fleet.id)]
     assert nxt.parameters == params and nxt.name == "gpu-host-0" and "fleet" not in nxt.tags
     assert nxt.state.is_scheduled()
+
+
+def test_a_subflow_engine_arms_the_graceful_stop_not_prefects_crash():
+    """What each session subflow's engine installs for SIGTERM while a worker flow runs."""
+    from prefect.utilities.engine import capture_sigterm
+
+    from flows.worker import _on_sigterm, graceful_sigterm
+
+    before = signal.getsignal(signal.SIGTERM)
+    with graceful_sigterm():
+        with capture_sigterm():  # as the flow engine does when a (sub)flow run starts
+            assert signal.getsignal(signal.SIGTERM) is _on_sigterm
+    with capture_sigterm():  # outside a worker flow Prefect's bridge is untouched
+        assert signal.getsignal(signal.SIGTERM) is not _on_sigterm
+    assert signal.getsignal(signal.SIGTERM) is before
