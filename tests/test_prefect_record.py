@@ -338,3 +338,63 @@ def test_a_subflow_engine_arms_the_graceful_stop_not_prefects_crash():
     with capture_sigterm():  # outside a worker flow Prefect's bridge is untouched
         assert signal.getsignal(signal.SIGTERM) is not _on_sigterm
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+SERVE = """
+import json, sys
+from flows.worker import fair_worker
+fair_worker.serve(name="cancel-test", limit=1)
+"""
+
+
+async def test_a_cancel_from_the_ui_through_the_runner_ends_cancelled(prefect_server, stack, tmp_path):
+    """The real cancel path: the run set Cancelling (what the UI does), the runner signals the process."""
+    from prefect.client.schemas.objects import StateType
+
+    job = stack.create_job(PIPELINE, 600, job_id=404)
+    env = {**os.environ, "PREFECT_API_URL": prefect_server, "PREFECT_HOME": str(tmp_path),
+           "AMI_ANTENNA_API_TOKEN": stack.token, "PYTHONPATH": str(REPO), "PREFECT_RUNNER_POLL_FREQUENCY": "1"}
+    log_path = tmp_path / "runner.log"
+    runner = subprocess.Popen([sys.executable, "-c", SERVE], cwd=REPO, env=env, stdout=open(log_path, "wb"),  # noqa: SIM115
+                              stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        async with get_client() as client:
+            async def deployed() -> bool:
+                assert runner.poll() is None, log_path.read_text()[-3000:]
+                try:
+                    await client.read_deployment_by_name("fair-worker/cancel-test")
+                    return True
+                except Exception:  # noqa: BLE001
+                    return False
+            await wait_for(deployed, 120, "the served deployment")
+            deployment = await client.read_deployment_by_name("fair-worker/cancel-test")
+            run = await client.create_flow_run_from_deployment(deployment.id, parameters={
+                "worker_name": "ui-cancel-worker",
+                "settings_overrides": overrides(stack, sim_seconds_per_image=0.02, max_runtime_s=120)})
+            async with AsyncAntennaAdmin(stack.api_url, stack.token) as admin:
+                async def started() -> bool:
+                    assert runner.poll() is None, log_path.read_text()[-3000:]
+                    return (await admin.job(job.id)).results >= 20
+                await wait_for(started, 120, "the worker's first results")
+                await client.set_flow_run_state(run.id, Cancelling(), force=True)
+
+                async def final() -> bool:
+                    state = (await client.read_flow_run(run.id)).state
+                    return state is not None and state.is_final()
+                await wait_for(final, 90, "the run's final state")
+                state = (await client.read_flow_run(run.id)).state
+                output = log_path.read_text()
+                assert state.type == StateType.CANCELLED, (state, output[-3000:])
+                assert "TerminationSignal" not in output and "Crash detected" not in output, output[-3000:]
+                sessions = await flow_runs("ui-cancel-worker-session-")
+                assert not any(s.state.is_crashed() for s in sessions)
+                await finish_plainly(stack, job.id)
+                done = await admin.job(job.id)
+        assert (done.results, done.errors, done.duplicates) == (600, 0, 0)
+    finally:
+        if runner.poll() is None:
+            os.killpg(runner.pid, signal.SIGTERM)
+            try:
+                runner.wait(20)
+            except subprocess.TimeoutExpired:
+                os.killpg(runner.pid, signal.SIGKILL)
