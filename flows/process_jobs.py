@@ -62,4 +62,5 @@ async def process_jobs(
         device=device,
         max_runtime_s=max_runtime_s,
         settings_overrides=overrides,
+        rollover=False,  # an ad-hoc run ends with its jobs (or max_runtime_s): nothing to start after it
     )
