@@ -8,7 +8,7 @@ each at once and concurrently, each with its own retries (outages only, see
 ``tasks/retry.py``), and returns what happened: units, counts per job,
 retries taken, failures, in its Completed state's message (visible in the UI)
 and data. The record then grows with time, not images: at most one task run
-per ``window_s`` of steady work, none while idle.
+per ``window_s`` of steady work (30 s by default), none while idle.
 
 The task run takes data only (worker name, window number, length): the
 worker's live units come from :data:`QUEUES`, a registry by worker name, as
@@ -40,6 +40,8 @@ from tasks.retry import is_retryable
 
 log = logging.getLogger(__name__)
 
+# A task run costs ~20 KB of Prefect database (row, 3 states, 3 events and their resources; measured
+# on SQLite): 30 s windows are ~2,900 a GPU-day, ~58 MB; 10 s windows would be ~175 MB.
 WINDOW_S = 30.0
 START_GRACE_S = 2.0  # a unit no window has taken by then runs plainly
 PLAIN_FOR_S = 30.0  # ... and so do the units after it for this long, then windows are tried again
