@@ -86,7 +86,10 @@ def _on_sigterm(signum: int, frame: Any) -> None:
     """Stop every worker of this process gracefully (runs in the main thread, between bytecodes)."""
     reason = "SIGTERM (cancel requested)" if _cancel_intent() else "SIGTERM"
     for loop, stop in list(_STOPPERS.values()):
-        loop.call_soon_threadsafe(stop, reason)
+        try:
+            loop.call_soon_threadsafe(stop, reason)
+        except RuntimeError:  # that worker's loop is closed: nothing left to stop
+            pass
 
 
 @contextlib.contextmanager
