@@ -251,6 +251,81 @@ async def test_process_jobs_serves_only_the_named_jobs_and_exits_when_they_are_d
     assert (untouched["results"], untouched["ack_pending"], untouched["pending"]) == (0, 0, 7), untouched
 
 
+# --- one keeper pass, against Prefect's test server ------------------------------------------------
+
+
+@pytest.mark.prefect
+async def test_keeper_pass_starts_missing_slots_cancels_duplicates_and_crashes_silent_runs(prefect_harness):
+    import datetime as dt
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.events import emit_event
+    from prefect.states import Running
+
+    from flows.worker import fair_worker
+    from tasks.fleet import keep_fleet
+
+    spec = {
+        "deployment": "fair-worker/keeper-test",
+        "stale_after_s": 60,
+        "hosts": [{"name": "kt", "gpus": 2, "parameters": {"model_kind": "sim"}}],
+    }
+    fleet = parse_fleet(spec)
+    async with get_client() as client:
+        await client.create_work_pool(WorkPoolCreate(name="keeper-test-pool", type="process"), overwrite=True)
+        await (await fair_worker.ato_deployment(name="keeper-test", work_pool_name="keeper-test-pool")).apply()
+
+        first = await keep_fleet(client, fleet)
+        assert (first.started, first.errors) == (2, 0), [s.row() for s in first.slots]
+        runs = {slot_of(r.tags): r for r in await client.read_flow_runs() if "fleet" in r.tags}
+        assert set(runs) == {"kt-gpu0", "kt-gpu1"}
+        gpu1 = runs["kt-gpu1"]
+        assert gpu1.work_queue_name == "kt-gpu1" and gpu1.parameters["device"] == "cuda:1"
+        assert gpu1.parameters["worker_name"] == "kt-gpu1" and gpu1.parameters["model_kind"] == "sim"
+        queue = await client.read_work_queue_by_name("kt-gpu1", work_pool_name="keeper-test-pool")
+        assert queue.concurrency_limit == 1
+
+        again = await keep_fleet(client, fleet)  # idempotent: Scheduled runs are alive
+        assert (again.started, again.cancelled, again.crashed) == (0, 0, 0)
+
+        # gpu0's run starts; a stray second run of the slot waits behind it: the keeper cancels the stray.
+        gpu0 = runs["kt-gpu0"]
+        await client.set_flow_run_state(gpu0.id, Running(), force=True)
+        stray = await client.create_flow_run_from_deployment(
+            gpu0.deployment_id, parameters=gpu0.parameters, tags=["fleet", "fleet-slot:kt-gpu0"], work_queue_name="kt-gpu0")
+        third = await keep_fleet(client, fleet)
+        assert (third.started, third.cancelled) == (0, 1)
+        assert (await client.read_flow_run(stray.id)).state.is_cancelled()
+
+        # gpu1's run is Running and sent a heartbeat once, none for longer than stale_after_s since: its
+        # host is gone. (The server stamps states itself, so the test waits out a 2 s stale_after_s.)
+        await client.set_flow_run_state(gpu1.id, Running(), force=True)
+        emit_event(
+            "prefect.flow-run.heartbeat",
+            resource={"prefect.resource.id": f"prefect.flow-run.{gpu1.id}"},
+            occurred=dt.datetime.now(dt.timezone.utc) - dt.timedelta(seconds=10),
+        )
+        # gpu0 is Running without any heartbeat ever (heartbeats off): never called stale.
+        await client.set_flow_run_state(gpu0.id, Running(), force=True)
+
+        from tasks.fleet import last_heartbeat
+
+        since = dt.datetime.now(dt.timezone.utc) - dt.timedelta(minutes=5)
+        deadline = time.monotonic() + 30
+        while await last_heartbeat(client, gpu1.id, since) is None:
+            assert time.monotonic() < deadline, "the heartbeat event never reached the events API"
+            await asyncio.sleep(0.5)
+        await asyncio.sleep(2.5)
+        fleet = parse_fleet({**spec, "stale_after_s": 2})
+        fourth = await keep_fleet(client, fleet)
+        assert (fourth.crashed, fourth.started) == (1, 1), [s.row() for s in fourth.slots]
+        assert (await client.read_flow_run(gpu1.id)).state.is_crashed()
+        assert (await client.read_flow_run(gpu0.id)).state.is_running()
+        row = {s.slot: s for s in fourth.slots}["kt-gpu1"]
+        assert row.action == "started" and "no heartbeat" in row.detail and "replaces" in row.detail
+
+
 # --- the fleet spec -----------------------------------------------------------------------------
 
 
