@@ -8,7 +8,9 @@ For each slot of the spec (deployments/fleet.py):
   ``stale_after_s`` although it sent some before: its host died) is marked Crashed;
 - if no run of the slot is alive (Scheduled, Pending, Running, Paused, Cancelling), one is created
   (``run_deployment(timeout=0)``, tags ``fleet`` and ``fleet-slot:<slot>``, on the slot's queue);
-- extra runs of a slot that are only waiting (Scheduled) behind a live one are cancelled.
+- extra runs of a slot that are only waiting (Scheduled) behind a live one are cancelled;
+- a slot whose runs keep failing at start (Crashed/Failed within a minute, twice or more in a row)
+  waits 30 s, 60 s, ... up to 10 minutes between tries instead of crash-looping.
 
 Runs whose process was killed are marked Crashed by the Prefect worker that started them (the process
 exits without a final state), so the next pass replaces them. Slots that left the spec are left alone
@@ -43,6 +45,10 @@ log = logging.getLogger(__name__)
 
 ALIVE = [StateType.SCHEDULED, StateType.PENDING, StateType.RUNNING, StateType.PAUSED, StateType.CANCELLING]
 HEARTBEAT_EVENT = "prefect.flow-run.heartbeat"
+SHORT_RUN_S = 60.0  # a run that ends this soon after starting, Crashed or Failed, is a failed start
+BACKOFF_FIRST_S = 30.0
+BACKOFF_MAX_S = 600.0
+BACKOFF_LOOKBACK = 8
 
 
 @dataclass
@@ -107,14 +113,38 @@ async def fleet_runs(client: PrefectClient) -> dict[str, list[FlowRun]]:
     return by_slot
 
 
-async def last_run(client: PrefectClient, slot: Slot) -> FlowRun | None:
-    """The slot's newest run in any state (None if it never had one)."""
-    runs = await client.read_flow_runs(
+async def recent_runs(client: PrefectClient, slot: Slot, n: int = BACKOFF_LOOKBACK) -> list[FlowRun]:
+    """The slot's newest runs in any state, newest first."""
+    return await client.read_flow_runs(
         flow_run_filter=FlowRunFilter(tags=FlowRunFilterTags(all_=[FLEET_TAG, slot.tag])),
         sort=FlowRunSort.EXPECTED_START_TIME_DESC,
-        limit=1,
+        limit=n,
     )
-    return runs[0] if runs else None
+
+
+def backoff_s(runs: list[FlowRun], now: dt.datetime) -> tuple[float, int]:
+    """Seconds still to wait before the slot's next run, and how many short failures in a row led there.
+
+    A run that Crashed or Failed within SHORT_RUN_S of its start (a host without the checkout, a
+    missing weight, a bad parameter) counts; two or more in a row double the wait from
+    BACKOFF_FIRST_S up to BACKOFF_MAX_S, so a broken slot costs a run every few minutes, not every
+    few seconds (each crash would otherwise trigger the keeper at once).
+    """
+    short = 0
+    for run in runs:
+        state = run.state
+        if state is None or state.type not in (StateType.CRASHED, StateType.FAILED):
+            break
+        began = run.start_time or run.created or state.timestamp
+        ended = run.end_time or state.timestamp
+        if began is None or ended is None or (ended - began).total_seconds() > SHORT_RUN_S:
+            break
+        short += 1
+    if short < 2 or not runs or runs[0].state is None:
+        return 0.0, short
+    wait = min(BACKOFF_FIRST_S * 2 ** (short - 2), BACKOFF_MAX_S)
+    last_end = runs[0].end_time or runs[0].state.timestamp
+    return max(0.0, wait - (now - last_end).total_seconds()), short
 
 
 async def last_heartbeat(client: PrefectClient, run_id: UUID, since: dt.datetime) -> dt.datetime | None:
@@ -248,12 +278,20 @@ async def _keep_slot(
         report.run = keep.name
         report.state = keep.state.name if keep.state else ""
         return
+    history = await recent_runs(client, slot)
+    previous = history[0] if history else None
+    wait, failures = backoff_s(history, _now())
+    if wait > 0:
+        report.action = "backoff"
+        report.run = previous.name if previous else ""
+        report.state = previous.state.name if previous and previous.state else ""
+        report.detail = f"{failures} runs in a row failed within {SHORT_RUN_S:.0f} s of starting; next try in {wait:.0f} s"
+        return
     result.started += 1
     report.action = "started"
     if dry_run:
         report.state = "(dry run)"
         return
-    previous = await last_run(client, slot)
     if previous is not None:
         state = previous.state.name if previous.state else "?"
         report.detail = (report.detail + "; " if report.detail else "") + f"replaces {previous.name} ({state})"

@@ -376,3 +376,31 @@ def test_shipped_specs_parse():
     assert [s.name for s in sim.slots] == ["local-gpu0", "local-gpu1"]
     assert all(s.parameters["device"] == "cpu" for s in sim.slots)
     assert json.dumps([s.parameters for s in sim.slots])  # parameters travel as JSON
+
+
+def test_backoff_after_runs_that_fail_at_start():
+    import datetime as dt
+    from uuid import uuid4
+
+    from prefect.client.schemas.objects import FlowRun, State, StateType
+
+    from tasks.fleet import backoff_s
+
+    now = dt.datetime.now(dt.timezone.utc)
+
+    def run(kind: StateType, ended_ago: float, lasted: float) -> FlowRun:
+        end = now - dt.timedelta(seconds=ended_ago)
+        return FlowRun(flow_id=uuid4(), state=State(type=kind, timestamp=end),
+                       start_time=end - dt.timedelta(seconds=lasted), end_time=end)
+
+    crashed = StateType.CRASHED
+    assert backoff_s([], now) == (0.0, 0)
+    assert backoff_s([run(crashed, 5, 3)], now) == (0.0, 1)  # one failed start: retry at once
+    wait, n = backoff_s([run(crashed, 5, 3), run(crashed, 40, 3)], now)
+    assert n == 2 and wait == pytest.approx(25, abs=1)  # 30 s after the last one
+    wait, n = backoff_s([run(StateType.FAILED, 5, 3)] + [run(crashed, 40 * i, 3) for i in range(1, 6)], now)
+    assert n == 6 and wait == pytest.approx(480 - 5, abs=1)  # 30 * 2**4
+    assert backoff_s([run(crashed, 5, 3)] * 20, now)[0] == pytest.approx(600 - 5, abs=1)  # capped
+    # A run that served a while before it crashed (a killed process) is replaced at once.
+    assert backoff_s([run(crashed, 5, 3600), run(crashed, 40, 3)], now) == (0.0, 0)
+    assert backoff_s([run(StateType.COMPLETED, 5, 3), run(crashed, 40, 3)], now) == (0.0, 0)
