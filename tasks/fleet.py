@@ -29,6 +29,7 @@ import antenna_flows.prefect_env  # noqa: F401 - before prefect
 from prefect.client.orchestration import PrefectClient
 from prefect.client.schemas.filters import (
     FlowRunFilter,
+    FlowRunFilterParentFlowRunId,
     FlowRunFilterState,
     FlowRunFilterStateType,
     FlowRunFilterTags,
@@ -184,6 +185,22 @@ async def is_stale(client: PrefectClient, run: FlowRun, stale_after_s: float) ->
     return True, (now - earlier).total_seconds()
 
 
+async def crash_orphans(client: PrefectClient, parent: FlowRun) -> int:
+    """Subflow runs (inference sessions) left Running or Pending by a run whose process died: Crashed too."""
+    children = await client.read_flow_runs(
+        flow_run_filter=FlowRunFilter(
+            parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[parent.id]),
+            state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.RUNNING, StateType.PENDING])),
+        ),
+        limit=50,
+    )
+    for child in children:
+        await client.set_flow_run_state(
+            child.id, Crashed(message=f"fleet keeper: its parent run {parent.name} crashed"), force=True
+        )
+    return len(children)
+
+
 async def ensure_queue(client: PrefectClient, pool: str, queue: str, cache: set[tuple[str, str]]) -> None:
     """The slot's work queue, concurrency 1, in the deployment's pool (created once, limit restored if changed)."""
     if (pool, queue) in cache:
@@ -295,6 +312,10 @@ async def _keep_slot(
     if previous is not None:
         state = previous.state.name if previous.state else "?"
         report.detail = (report.detail + "; " if report.detail else "") + f"replaces {previous.name} ({state})"
+        if previous.state and previous.state.type == StateType.CRASHED:
+            orphans = await crash_orphans(client, previous)
+            if orphans:
+                report.detail += f", {orphans} of its subflow runs marked Crashed"
     run = await run_deployment(
         slot.deployment,
         parameters=slot.parameters,

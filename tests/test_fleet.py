@@ -196,6 +196,9 @@ def test_killed_worker_run_is_replaced_and_serving_within_60_s(prefect_server, s
         took = time.monotonic() - killed_at
         dead = api_json(env, "GET", f"/flow_runs/{first['id']}")
         assert dead["state_type"] == "CRASHED", dead["state"]
+        orphans = api_json(env, "POST", "/flow_runs/filter", {"flow_runs": {
+            "parent_flow_run_id": {"any_": [first["id"]]}, "state": {"type": {"any_": ["RUNNING", "PENDING"]}}}})
+        assert orphans == [], [(r["name"], r["state_name"]) for r in orphans]  # its sessions: Crashed too
         print(f"\nreplacement serving {took:.1f} s after SIGKILL (run {second['name']})")
         assert took < REPLACEMENT_DEADLINE_S
         # One GPU, one run: exactly one live run of the slot.
