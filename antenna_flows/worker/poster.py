@@ -90,7 +90,7 @@ async def post_answers(w: "FairWorker", tasks: list[HeldTask]) -> None:
 
     label = "post " + ", ".join(f"job {j} x{len(v)}" for j, v in by_job.items())
     try:
-        await w.orch.post(post, label)
+        await w.orch.post(post, label, counts={job_id: len(held) for job_id, held in by_job.items()})
     except Exception as exc:  # noqa: BLE001 - retries spent for the jobs still unposted
         for job_id in by_job:
             errors.setdefault(job_id, exc)
