@@ -50,7 +50,7 @@ from antenna_flows.worker.settle import Settler
 
 log = logging.getLogger(__name__)
 
-REPORT_INTERVAL_S = 30.0
+REPORT_INTERVAL_S = 30.0  # the per-job table; under Prefect published at most every flows.worker.REPORT_EVERY_S
 
 
 class FairWorker:
