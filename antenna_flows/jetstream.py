@@ -26,8 +26,7 @@ from typing import Any, Awaitable, Callable
 import nats
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
-from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, StorageType, StreamConfig
-from nats.js.errors import NotFoundError, ServiceUnavailableError
+from nats.js.errors import NotFoundError
 from pydantic import ValidationError
 
 from antenna_flows.schemas import PipelineProcessingTask

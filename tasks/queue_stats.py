@@ -26,7 +26,7 @@ from typing import Any
 
 import httpx
 
-from antenna_flows.antenna_client import AntennaClient, AntennaError
+from antenna_flows.antenna_client import AntennaClient
 from antenna_flows.jetstream import ConsumerStats, JobQueue, StreamGone
 
 log = logging.getLogger(__name__)

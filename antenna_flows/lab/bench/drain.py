@@ -235,7 +235,6 @@ class DrainWorker:
         ok = [(t, img) for t, img in zip(batch.tasks, batch.images) if not isinstance(img, Exception)]
         failed = [(t, img) for t, img in zip(batch.tasks, batch.images) if isinstance(img, Exception)]
         started = time.monotonic()
-        wall_start = time.time()
         results: list[TaskResult] = []
         if ok:
             try:
