@@ -260,3 +260,17 @@ async def test_rest_transport_serves_jobs_through_the_api_alone(stack, aadmin):
     await serve_until([worker], all_answered(aadmin, job.id))
     job = await aadmin.job(job.id)
     assert (job.results, job.duplicates, job.redeliveries) == (10, 0, 0)
+
+
+async def test_rollover_at_max_runtime_hands_over_with_nothing_released(stack, aadmin):
+    """At max_runtime_s the run reserves nothing more, runs what it holds, stops; the next run takes over."""
+    job = stack.create_job(PIPELINE, 120, job_id=171)
+    first = worker_for(settings_for(stack, max_runtime_s=1.0, sim_seconds_per_image=0.02))
+    totals = await asyncio.wait_for(first.run(), timeout=20)  # ends by itself
+    assert "max_runtime_s" in first.stop_reason
+    assert first.ledger.job(job.id).released == 0  # nothing handed back: nothing to be redelivered
+    assert 0 < totals["images"] < 120
+    second = worker_for(settings_for(stack, worker_name="test-worker-next"))
+    await serve_until([second], all_answered(aadmin, job.id))
+    job = await aadmin.job(job.id)
+    assert (job.results, job.duplicates, job.redeliveries) == (120, 0, 0)

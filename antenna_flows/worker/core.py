@@ -50,6 +50,7 @@ from antenna_flows.worker.settle import Settler
 
 log = logging.getLogger(__name__)
 
+HANDOVER_DRAIN_S = 10.0  # at max_runtime_s, at most this long to run what is reserved before stopping
 REPORT_INTERVAL_S = 30.0  # the per-job table; under Prefect published at most every flows.worker.REPORT_EVERY_S
 
 
@@ -96,6 +97,7 @@ class FairWorker:
         self.metrics = BatchLog(settings.metrics_file, self.name)
         self.sessions = 0
         self.stop_reason = ""
+        self.draining = False  # rolling over: reserve nothing more
         self._fatal: BaseException | None = None
         self._ready_parts: set[str] = set()
         self._last_report = clock()
@@ -226,7 +228,17 @@ class FairWorker:
                 pass
 
     async def _stop_after(self, seconds: float) -> None:
+        """Roll over cleanly: stop reserving, run what is already reserved (bounded), then stop.
+
+        The next run then starts from an empty hand: nothing released, so nothing redelivered.
+        """
         await asyncio.sleep(seconds)
+        self.draining = True
+        log.info("worker %s: max_runtime_s=%g reached: reserving nothing more, finishing what is reserved",
+                 self.name, seconds)
+        deadline = self.clock() + HANDOVER_DRAIN_S
+        while self.store.waiting_counts() and self.clock() < deadline and not self.stopping.is_set():
+            await wait_for(self.pool_changed, TICK_S)
         self.stop(f"max_runtime_s={seconds:g} reached")
 
     async def _wait_for_work(self) -> None:

@@ -101,7 +101,7 @@ async def reserve_round(w: "FairWorker") -> None:
     """Top the pool up to the next batch (within the cap), re-planning when a job comes up short."""
     s = w.settings
     for _ in range(len(w.jobs) + 1):
-        if w.stopping.is_set():
+        if w.stopping.is_set() or w.draining:
             return
         pool = w.store.waiting_counts()
         busy_for = busy_for_s(w)

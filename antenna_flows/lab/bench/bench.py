@@ -141,6 +141,9 @@ class Scenario(_Spec):
     time_limit_s: float = 300.0
     transport: Literal["nats", "rest"] = "nats"  # how fair workers reach tasks; drain always uses REST
     seed: int = 0  # drain workers' start phases
+    # Rollover: each worker ends its run after this many seconds (AMI_MAX_RUNTIME_S) and is started
+    # again at once, as the worker deployment's next run is; handovers are reported with their idle gap.
+    rollover_s: float | None = Field(None, gt=0)
 
     def drain_phases(self, sleep_s: float) -> list[float]:
         """Where each drain worker is in its idle sleep at time zero: uniform in [0, sleep), seeded."""
@@ -559,6 +562,8 @@ class Bench:
             elif self.transport == "rest":
                 env["AMI_TRANSPORT"] = "rest"
                 env["AMI_REST_ACK_WAIT_S"] = str(sc.queue.ack_wait_s)
+            if sc.rollover_s:
+                env["AMI_MAX_RUNTIME_S"] = str(sc.rollover_s)
             env.update(opt.worker_env)
             if prefect_url:
                 env["PREFECT_API_URL"] = prefect_url
@@ -631,6 +636,8 @@ class Bench:
                         events.sort(key=lambda e: (e[0], e[1]))
                 else:
                     self._restart_worker(spec, t0)
+            if sc.rollover_s:
+                self._roll_over(t0)
             if submitted and self._observe(admin, set(submitted) - cancelled, t0) and not events:
                 break
             time.sleep(POLL_S)
@@ -712,6 +719,15 @@ class Bench:
         self.workers[i] = self._spawn(i)
         self._fault_log.append({"action": "restart_worker", "worker": i, "applied_s": _r(time.time() - t0)})
 
+    def _roll_over(self, t0: float) -> None:
+        """A worker whose run ended by itself (exit 0 at max_runtime_s) is started again at once."""
+        for i, proc in enumerate(self.workers):
+            if proc.poll() == 0:
+                exited = time.time() - t0
+                log.warning("bench: worker %s ended its run (rollover); starting the next", self._name(i))
+                self.workers[i] = self._spawn(i)
+                self._fault_log.append({"action": "rollover", "worker": i, "applied_s": _r(exited)})
+
     def _stop_workers(self) -> None:
         for proc in self.workers:
             if proc.poll() is None:
@@ -744,6 +760,23 @@ class Bench:
             bins[k] += 1
         return {"per_s": bins, "dead": dead}
 
+    def _handovers(self, out_dir: Path, t0: float) -> list[dict[str, Any]]:
+        """Per rollover: the worker's slot idle gap around it (last batch of the old run to the first of
+        the next), i.e. what a GPU loses at a handover."""
+        out = []
+        for entry in self._fault_log:
+            if entry.get("action") != "rollover":
+                continue
+            name = self._name(entry["worker"])
+            path = out_dir / f"{name}.metrics.jsonl"
+            rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+            at = t0 + entry["applied_s"]
+            before = [r["t_end"] for r in rows if r["t_end"] <= at]
+            after = [r["t_start"] for r in rows if r["t_start"] >= at]
+            gap = (min(after) - max(before)) if before and after else None
+            out.append({"worker": entry["worker"], "exited_s": entry["applied_s"], "slot_idle_gap_s": _r(gap)})
+        return out
+
     def _report(self, t0: float, startup_s: float, submitted: dict[int, float], cancelled: set[int],
                 jobs: dict[int, dict[str, Any]], out_dir: Path, answers: dict[str, Any]) -> dict[str, Any]:
         sc, opt = self.scenario, self.options
@@ -761,6 +794,7 @@ class Bench:
                 inferred += int(row.get("n", 0))
                 max_idle = max(max_idle, row.get("max_reserved_idle_s", 0.0))
                 idles.append(row.get("max_reserved_idle_s", 0.0))
+        handovers = self._handovers(out_dir, t0)
         rows = []
         answered_total = 0
         last_answer = 0.0
@@ -819,6 +853,7 @@ class Bench:
             "time_limit_s": sc.time_limit_s,
             "drain_start_phase_s": self._phases, "seed": sc.seed,
             "faults": self._fault_log,
+            "handovers": handovers,
             "answers_per_s": answers["per_s"],
             "jobs": rows,
         }
