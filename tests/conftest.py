@@ -120,3 +120,14 @@ async def nats_queue(nats_server: EmbeddedNats) -> AsyncIterator[JobStreams]:
     yield queue
     await queue.close()
 
+
+
+@pytest.fixture(scope="module")
+def prefect_server() -> Iterator[str]:
+    """One Prefect test server per test module that asks for it (``prefect_test_harness`` takes ~12 s
+    to start); yields its API URL."""
+    from prefect.settings import PREFECT_API_URL
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield str(PREFECT_API_URL.value())

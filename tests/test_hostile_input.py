@@ -12,12 +12,11 @@ import gzip
 import io
 import json
 import struct
-import threading
 import time
 import zlib
 from collections import Counter
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
@@ -31,6 +30,7 @@ from antenna_flows.jetstream import MAX_TASK_BYTES, MAX_TASK_ID_CHARS, loose_ima
 from antenna_flows.lab.antenna.natsserver import EmbeddedNats
 from antenna_flows.models.ami import AmiModel
 from antenna_flows.settings import WorkerSettings
+from tests.helpers import Spy, serve_http
 
 
 def _jpeg(width: int = 64, height: int = 48) -> bytes:
@@ -152,27 +152,12 @@ GZIP_BOMB = gzip.compress(b"\x00" * (64 * 1024 * 1024), compresslevel=1)
 
 @pytest.fixture(scope="module")
 def server() -> Iterator[str]:
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
-    httpd.daemon_threads = True
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}"
-    httpd.shutdown()
-    httpd.server_close()
+    yield from serve_http(_Handler)
 
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory: pytest.TempPathFactory) -> AmiModel:
     return AmiModel(Path(tmp_path_factory.mktemp("weights")), device="cpu")  # decode needs no weights
-
-
-class Spy:
-    def __init__(self, fn):
-        self.fn, self.calls = fn, 0
-
-    def __call__(self, arg):
-        self.calls += 1
-        return self.fn(arg)
 
 
 async def _refused(url: str, message: str, model: AmiModel | None = None, **options) -> tuple[ImageError, float]:

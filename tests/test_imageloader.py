@@ -4,9 +4,8 @@ to a tensor), the PIL fallback, and every way an image can fail becoming one Ima
 from __future__ import annotations
 
 import io
-import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +15,7 @@ from PIL import Image
 
 from antenna_flows.imageloader import ImageError, ImageLoader
 from antenna_flows.models.ami import AmiModel
+from tests.helpers import Spy, serve_http
 
 W, H = 96, 64
 
@@ -62,26 +62,12 @@ class _Handler(BaseHTTPRequestHandler):
 
 @pytest.fixture(scope="module")
 def server() -> Iterator[str]:
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}"
-    httpd.shutdown()
-    httpd.server_close()
+    yield from serve_http(_Handler)
 
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory: pytest.TempPathFactory) -> AmiModel:
     return AmiModel(Path(tmp_path_factory.mktemp("weights")), device="cpu")  # decode needs no weights
-
-
-class Spy:
-    def __init__(self, fn):
-        self.fn, self.calls = fn, 0
-
-    def __call__(self, arg):
-        self.calls += 1
-        return self.fn(arg)
 
 
 async def _load(url: str, model: AmiModel, **limits: int):

@@ -31,9 +31,7 @@ import pytest
 import antenna_flows.prefect_env  # noqa: F401 - before prefect
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName
-from prefect.settings import PREFECT_API_URL
 from prefect.states import Cancelling
-from prefect.testing.utilities import prefect_test_harness
 
 from antenna_flows.lab.antenna.admin import AsyncAntennaAdmin
 from antenna_flows.models import load_model
@@ -54,12 +52,6 @@ print("STATE " + state.type.value, flush=True)
 if state.is_completed():
     print("TOTALS " + json.dumps(state.result()), flush=True)
 """
-
-
-@pytest.fixture(scope="module")
-def prefect_server():
-    with prefect_test_harness(server_startup_timeout=120):
-        yield PREFECT_API_URL.value()
 
 
 def overrides(stack: Any, **extra: Any) -> dict[str, Any]:

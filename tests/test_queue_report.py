@@ -19,7 +19,6 @@ import antenna_flows.prefect_env  # noqa: F401 - before prefect
 from prefect import flow
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import ArtifactCollectionFilter, ArtifactCollectionFilterKey
-from prefect.testing.utilities import prefect_test_harness
 
 from flows.queue_report import queue_report
 from tasks.queue_stats import REPORT_KEY, human_duration, job_counts, parse_time, progress_key, table_rows
@@ -28,12 +27,6 @@ from tasks.report import publish_job_table
 pytestmark = pytest.mark.prefect
 
 PIPELINE = "panama_moths_2024"
-
-
-@pytest.fixture(scope="module")
-def prefect_server():
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
 
 
 def success(task: dict[str, Any]) -> dict[str, Any]:

@@ -13,7 +13,6 @@ import pytest
 import antenna_flows.prefect_env  # noqa: F401 - before prefect
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter
-from prefect.testing.utilities import prefect_test_harness
 
 from antenna_flows.lab.antenna.admin import AsyncAntennaAdmin
 from antenna_flows.lab.bench.drain_flow import drain_worker
@@ -23,12 +22,6 @@ from tasks.report import artifact_key
 pytestmark = pytest.mark.prefect
 
 PIPELINE = "panama_moths_2024"
-
-
-@pytest.fixture(scope="module")
-def prefect_server():
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
 
 
 def overrides(stack: Any, **extra: Any) -> dict[str, Any]:

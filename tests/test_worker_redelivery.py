@@ -130,3 +130,16 @@ def test_what_a_post_error_means_for_its_tasks():
     assert post_outcome(Rejected(404, "gone", "POST /x")) is PostDecision.DROP
     assert post_outcome(Rejected(400, "bad", "POST /x")) is PostDecision.ISOLATE
     assert post_outcome(asyncio.TimeoutError()) is PostDecision.RELEASE
+
+
+def test_discovery_polls_start_at_a_random_phase_then_keep_the_mean_interval():
+    import random
+    from itertools import islice
+
+    from antenna_flows.worker.discovery import poll_waits
+
+    phases = [next(poll_waits(4.0, random.Random(name))) for name in ("w0", "w1", "w2", "w3")]
+    assert all(0.0 <= p < 4.0 for p in phases) and len(set(phases)) == 4  # a fleet does not poll in lock-step
+    later = list(islice(poll_waits(4.0, random.Random(1)), 1, 2001))
+    assert all(3.0 <= x <= 5.0 for x in later)
+    assert abs(sum(later) / len(later) - 4.0) < 0.05  # the mean request rate stays 1 / interval

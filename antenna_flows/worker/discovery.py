@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import TYPE_CHECKING, Awaitable, Callable
+import random
+from typing import TYPE_CHECKING, Awaitable, Callable, Iterator
 
 from antenna_flows.antenna_client import AuthError, Rejected, Unavailable
 from antenna_flows.jetstream import StreamGone
@@ -35,8 +36,22 @@ def on_new_stream(w: "FairWorker") -> Callable[[int], Awaitable[None]]:
     return callback
 
 
+def poll_waits(interval_s: float, rng: random.Random) -> Iterator[float]:
+    """Waits between polls: the first a random phase in [0, interval), then interval +-25%.
+
+    A fleet started together would otherwise poll in lock-step, and a job submitted just
+    after a poll would wait a whole interval for every worker; with random phases the
+    first of N workers sees it after interval / (N + 1) on average (over REST, where no
+    advisory wakes them), at the same mean request rate.
+    """
+    yield rng.uniform(0.0, interval_s)
+    while True:
+        yield interval_s * rng.uniform(0.75, 1.25)
+
+
 async def loop(w: "FairWorker") -> None:
     failures = 0
+    waits = poll_waits(w.settings.discovery_interval_s, random.Random(w.name))
     while not w.stopping.is_set():
         try:
             await discover_once(w)
@@ -51,7 +66,7 @@ async def loop(w: "FairWorker") -> None:
                 log.warning("worker %s: job discovery failed (%d in a row): %s; serving known jobs", w.name, failures, exc)
         except Exception:  # noqa: BLE001 - discovery must outlive any one failure
             log.exception("worker %s: job discovery crashed; retrying", w.name)
-        if not await wait_for(w.discover_now, w.settings.discovery_interval_s):
+        if not await wait_for(w.discover_now, next(waits)):
             continue
         # A stream was just created: its job is listed once Antenna has published its tasks.
         for delay in ADVISORY_FOLLOW_UPS_S:

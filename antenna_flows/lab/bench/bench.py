@@ -407,6 +407,7 @@ class ProcessSampler:
         self.rss: list[dict[str, Any]] = [{"worker": i, "first": None, "peak": None, "last": None, "samples": 0}
                                           for i in range(len(workers))]
         self.fds_start = [open_fds(p.pid) for p in workers]
+        self.fds: list[list[int]] = [[] for _ in workers]  # every sample: growth shows as a rising series
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="bench-sampler", daemon=True)
 
@@ -425,6 +426,9 @@ class ProcessSampler:
             row["peak"] = mb if row["peak"] is None else max(row["peak"], mb)
             row["last"] = mb
             row["samples"] += 1
+            fds = open_fds(proc.pid)
+            if fds is not None:
+                self.fds[i].append(fds)
 
     def _loop(self) -> None:
         while not self._stop.wait(self.period_s):
@@ -437,7 +441,11 @@ class ProcessSampler:
         fds_end = [open_fds(p.pid) if p.poll() is None else None for p in self.workers]
         return {
             "worker_rss_mb": self.rss,
-            "worker_open_fds": [{"worker": i, "start": a, "end": b}
+            # start: at time zero; half: the mean over the run's first half of samples (after warm-up
+            # connections open), end: the last. A leak shows as end well above half.
+            "worker_open_fds": [{"worker": i, "start": a, "end": b, "peak": max(self.fds[i], default=None),
+                                 "first_half_mean": _r(sum(h := self.fds[i][: max(1, len(self.fds[i]) // 2)]) / len(h), 1)
+                                 if self.fds[i] else None}
                                 for i, (a, b) in enumerate(zip(self.fds_start, fds_end))],
         }
 
@@ -979,8 +987,9 @@ def format_report(report: dict[str, Any]) -> str:
         lines.append("worker RSS MiB (first/peak/last): " + ", ".join(
             f"w{r['worker']} {r['first']}/{r['peak']}/{r['last']}" for r in report["worker_rss_mb"]))
     if report.get("worker_open_fds"):
-        lines.append("worker open fds (start -> end): " + ", ".join(
-            f"w{r['worker']} {r['start']}->{r['end']}" for r in report["worker_open_fds"]))
+        lines.append("worker open fds (start -> first-half mean -> end, peak): " + ", ".join(
+            f"w{r['worker']} {r['start']}->{r.get('first_half_mean')}->{r['end']} ({r.get('peak')})"
+            for r in report["worker_open_fds"]))
     if report.get("prefect"):
         lines.append(f"Prefect database: {report['prefect']}")
     for fault in report.get("faults") or ():
