@@ -274,3 +274,17 @@ async def test_rollover_at_max_runtime_hands_over_with_nothing_released(stack, a
     await serve_until([second], all_answered(aadmin, job.id))
     job = await aadmin.job(job.id)
     assert (job.results, job.duplicates, job.redeliveries) == (120, 0, 0)
+
+
+async def test_a_wrong_token_mid_job_hands_everything_back_and_loses_nothing(stack, aadmin):
+    """A wrong token is refused at the worker's first request (401, even on the job list that Antenna
+    serves anonymously): it stops with a clear error, holding nothing, and the job is served by others."""
+    job = stack.create_job(PIPELINE, 16, job_id=181)
+    bad = worker_for(settings_for(stack, antenna_api_token="not-the-token", worker_name="bad-token"))
+    with pytest.raises(FatalWorkerError, match="token"):
+        await asyncio.wait_for(bad.run(), timeout=15)
+    assert bad.ledger.job(job.id).images == 0
+    good = worker_for(settings_for(stack))
+    await serve_until([good], all_answered(aadmin, job.id))
+    job = await aadmin.job(job.id)
+    assert (job.results, job.duplicates) == (16, 0)
