@@ -49,7 +49,7 @@ from tasks.report import publish_job_table
 
 log = logging.getLogger(__name__)
 
-REPORT_EVERY_S = 60.0  # a running worker's table artifact at most this often (final: always): the queue report reads it every minute
+REPORT_EVERY_S = 300.0  # a running worker's table artifact at most this often (final: always): its rows grow with jobs seen
 REPORT_TIMEOUT_S = 10.0  # an artifact write waits no longer (the API may be down)
 SESSION_START_GRACE_S = 2.0  # a session subflow not started by then runs without its record
 FIRST_SESSION_GRACE_S = 15.0  # the first opens before any work waits on it (start-up, often CPU-bound)
