@@ -159,6 +159,11 @@ class WorkerSettings(BaseSettings):
         description="Seconds between job polls: a fleet idles at <= 0.25 requests per worker-second (over NATS, "
         "JetStream stream-created advisories wake it at once).",
     )
+    busy_discovery_interval_s: float = Field(
+        1.0, gt=0,
+        description="rest transport, while serving jobs: seconds between job polls (nothing announces new jobs "
+        "over REST; a busy worker's requests are dominated by its work, so a faster poll costs little).",
+    )
     idle_forget_s: float = Field(
         20.0, gt=0, description="Forget a job after this long with nothing available and nothing in flight."
     )

@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 class Transport(Protocol):
     name: str
     can_extend: bool  # +WPI and nak are available
+    announces_jobs: bool  # new jobs are announced (JetStream advisories), not only found by polling
 
     async def reserve(self, job_id: int, n: int) -> list[Reservation]:
         """Up to ``n`` tasks available now; ``[]`` if none; raises StreamGone if the job's queue vanished."""
@@ -56,6 +57,7 @@ class Transport(Protocol):
 class NatsTransport:
     name = "nats"
     can_extend = True
+    announces_jobs = True
 
     def __init__(self, queue: JobQueue):
         self.queue = queue
@@ -107,6 +109,7 @@ class RestTransport:
 
     name = "rest"
     can_extend = False
+    announces_jobs = False
 
     def __init__(self, client: AntennaClient, ack_wait_s: float = 30.0):
         self.client = client

@@ -27,6 +27,7 @@ class RecordingTransport:
 
     name = "recording"
     can_extend = True
+    announces_jobs = True
 
     def __init__(self) -> None:
         self.calls: list[tuple[str, str]] = []

@@ -51,7 +51,8 @@ def poll_waits(interval_s: float, rng: random.Random) -> Iterator[float]:
 
 async def loop(w: "FairWorker") -> None:
     failures = 0
-    waits = poll_waits(w.settings.discovery_interval_s, random.Random(w.name))
+    rng = random.Random()  # each process its own phase, as a real fleet's workers have
+    waits = poll_waits(w.settings.discovery_interval_s, rng)
     while not w.stopping.is_set():
         try:
             await discover_once(w)
@@ -66,7 +67,11 @@ async def loop(w: "FairWorker") -> None:
                 log.warning("worker %s: job discovery failed (%d in a row): %s; serving known jobs", w.name, failures, exc)
         except Exception:  # noqa: BLE001 - discovery must outlive any one failure
             log.exception("worker %s: job discovery crashed; retrying", w.name)
-        if not await wait_for(w.discover_now, next(waits)):
+        wait = next(waits)
+        if w.jobs and w.transport is not None and not w.transport.announces_jobs:
+            # Over REST only polls find new jobs: while busy, poll sooner (idle, the gentle interval holds).
+            wait = min(wait, w.settings.busy_discovery_interval_s * rng.uniform(0.75, 1.25))
+        if not await wait_for(w.discover_now, wait):
             continue
         # A stream was just created: its job is listed once Antenna has published its tasks.
         for delay in ADVISORY_FOLLOW_UPS_S:

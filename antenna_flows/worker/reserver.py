@@ -130,21 +130,37 @@ async def reserve_round(w: "FairWorker") -> None:
 
 
 async def reserve(w: "FairWorker", wants: dict[int, int]) -> int:
-    """One reservation round: reserve ``wants[job]`` from each job; returns how many came."""
+    """One reservation round: reserve ``wants[job]`` from each job, all jobs at once; returns how many came.
+
+    At once, because over REST each ``/tasks`` call may hold for Antenna's 0.5 s fetch when a job has
+    fewer tasks than asked: one job after another, a round over six jobs could take three seconds.
+    """
     assert w.transport is not None
-    got_total = 0
-    for job_id, n in wants.items():
-        if job_id not in w.jobs:
-            continue
+    transport = w.transport
+    plan = {job_id: n for job_id, n in wants.items() if job_id in w.jobs}
+
+    async def one(job_id: int, n: int) -> list[Reservation] | None:
         try:
-            got = await w.transport.reserve(job_id, n)
+            return await transport.reserve(job_id, n)
         except StreamGone:
+            return None
+
+    answers = await asyncio.gather(*(one(j, n) for j, n in plan.items()), return_exceptions=True)
+    got_total = 0
+    failure: BaseException | None = None
+    for (job_id, n), got in zip(plan.items(), answers):
+        if isinstance(got, BaseException):
+            failure = failure or got
+            continue
+        if got is None:
             await forget(w, job_id, "stream vanished (completed or cancelled)")
             continue
         accept(w, job_id, got)
         got_total += len(got)
         if len(got) < n:
             w.scheduler.mark_dry(job_id)
+    if failure is not None and not got_total:
+        raise failure  # an outage: the orchestrator retries the round
     return got_total
 
 
