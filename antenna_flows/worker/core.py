@@ -32,7 +32,7 @@ import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Coroutine
 
 from antenna_flows.accounting import BatchLog, Ledger
 from antenna_flows.antenna_client import AntennaClient
@@ -102,6 +102,7 @@ class FairWorker:
         self._ready_parts: set[str] = set()
         self._last_report = clock()
         self._reporting: asyncio.Task[None] | None = None
+        self._spawned: set[asyncio.Task[Any]] = set()  # one-off work (a re-post, a termination), awaited at stop
 
     # --- lifecycle ------------------------------------------------------------------
 
@@ -112,6 +113,12 @@ class FairWorker:
             self.stopping.set()
             self.pool_changed.set()
             self.wake_reserver.set()
+
+    def spawn(self, work: Coroutine[Any, Any, Any], name: str) -> None:
+        """Run one-off work beside the loops; ``run`` waits for it before closing the clients."""
+        task = asyncio.create_task(work, name=name)
+        self._spawned.add(task)
+        task.add_done_callback(self._spawned.discard)
 
     def fail(self, exc: BaseException) -> None:
         """Stop because the worker cannot go on; ``run`` raises ``exc`` once everything is handed back."""
@@ -165,6 +172,7 @@ class FairWorker:
             for task in background:
                 task.cancel()
             await asyncio.gather(*background, return_exceptions=True)
+            await asyncio.gather(*self._spawned, return_exceptions=True)  # before the client closes
             if self._reporting is not None:
                 await asyncio.gather(self._reporting, return_exceptions=True)
             if self.settler is not None:

@@ -118,8 +118,9 @@ async def discover_once(w: "FairWorker") -> int:
             if info.priority != item.priority:
                 info.priority = item.priority
                 w.scheduler.add(item.id, pipeline, item.priority)
+    waiting = w.store.waiting_counts()
     for job_id, info in list(w.jobs.items()):
-        if now - info.last_listed > w.settings.idle_forget_s and not w.store.waiting_counts().get(job_id):
+        if now - info.last_listed > w.settings.idle_forget_s and not waiting.get(job_id):
             await forget(w, job_id, "no longer listed as incomplete")
     if wanted and w.settings.exit_when_done and not wanted & {item.id for item in listed} and not len(w.store):
         w.stop(f"jobs {sorted(wanted)} are done")

@@ -30,9 +30,6 @@ log = logging.getLogger(__name__)
 MAX_PENDING_POSTS = 4  # batches waiting to be posted before the slot waits (backpressure)
 POSTERS = 2  # result posts in flight at once (as upstream's two threads)
 
-_background: set[asyncio.Task[None]] = set()
-
-
 class Posters:
     """The posting loops of one inference session."""
 
@@ -57,9 +54,7 @@ class Posters:
 
 def post_in_background(w: "FairWorker", tasks: list[HeldTask]) -> None:
     """Post answers outside a session (a re-answer of a redelivery: nothing to compute)."""
-    task = asyncio.create_task(post_answers(w, tasks))
-    _background.add(task)
-    task.add_done_callback(_background.discard)
+    w.spawn(post_answers(w, tasks), "re-post")
 
 
 def payload(held: HeldTask) -> list[TaskResult]:

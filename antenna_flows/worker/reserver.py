@@ -199,7 +199,7 @@ def accept(w: "FairWorker", job_id: int, reservations: list[Reservation]) -> Non
             log.error("worker %s: job %s: %s (seq %s): no image to answer for", w.name, job_id, r.parse_error,
                       r.stream_seq)
             assert w.settler is not None
-            _background_settle(w, held)
+            w.spawn(w.settler.settle([held], State.TERMINATED, "malformed task naming no image"), "terminate")
             continue
         if r.task is not None:
             assert w.loader is not None
@@ -213,16 +213,6 @@ def accept(w: "FairWorker", job_id: int, reservations: list[Reservation]) -> Non
                  len(reservations))
     w.ledger.reserved(job_id, len(reservations), redelivered)
     w.pool_changed.set()
-
-
-def _background_settle(w: "FairWorker", held: HeldTask) -> None:
-    assert w.settler is not None
-    task = asyncio.create_task(w.settler.settle([held], State.TERMINATED, "malformed task naming no image"))
-    _settling.add(task)
-    task.add_done_callback(_settling.discard)
-
-
-_settling: set[asyncio.Task[int]] = set()
 
 
 def _image_done(w: "FairWorker", held: HeldTask) -> Any:
