@@ -6,19 +6,22 @@ environment variable in ``--help``, and :func:`settings_from_args` builds the
 settings from environment and ``.env`` overridden by the options given.
 
 A subcommand is one ``add_<name>(subparsers)`` function that configures its
-parser and sets ``func``; :data:`SUBCOMMANDS` lists them.
+parser and sets ``func``; :data:`SUBCOMMANDS` lists the product's own.
+
+The lab (``antenna-flows-lab``: the local Antenna, demo, bench) is a separate
+distribution that plugs its commands in through the ``antenna_flows.commands``
+entry point group, and the ``drain`` baseline through ``antenna_flows.strategies``;
+without it those commands say how to install it. Nothing here imports the lab.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
-import signal
 import sys
-import threading
-import time
 import types
 import typing
+from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -26,26 +29,26 @@ import httpx
 from pydantic import Field, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from antenna_flows.lab.antenna.admin import AntennaAdmin, AntennaError
-from antenna_flows.lab.antenna.models import Job
+from antenna_flows.antenna_client import AntennaError
 from antenna_flows.registration import RegistrationFailed
-from antenna_flows.settings import (
-    DEFAULT_API_URL,
-    DEFAULT_TOKEN,
-    ENV_PREFIX,
-    ApiSettings,
-    DrainSettings,
-    QueueSettings,
-    WorkerSettings,
-)
+from antenna_flows.settings import DEFAULT_API_URL, DEFAULT_TOKEN, ENV_PREFIX, WorkerSettings
 from antenna_flows.worker import FatalWorkerError
 
 log = logging.getLogger("antenna_flows.cli")
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
-DEFAULT_PIPELINE = "panama_moths_2024"
-SCENARIOS_DIR = Path(__file__).parent / "lab" / "bench" / "scenarios"
-DEFAULT_NATS_PORT = 4222  # the worker's default nats_url: devstack + worker work with no configuration
+COMMANDS_GROUP = "antenna_flows.commands"  # entry points: add(subparsers) of commands from other distributions
+STRATEGIES_GROUP = "antenna_flows.strategies"  # entry points: a worker strategy other than fair (the lab's drain)
+LAB_INSTALL = "pip install -e './lab'  (from the antenna-flows checkout; `make setup` does it)"
+LAB_COMMANDS = {  # what the lab adds, so a product-only install can say where a command went
+    "demo": "the whole thing on this machine (local NATS + Antenna, demo images, fair workers)",
+    "devstack": "run NATS JetStream and the local Antenna API",
+    "submit": "create a job on the local Antenna",
+    "jobs": "per-job table of the local Antenna",
+    "bench": "run a benchmark scenario",
+    "compare": "fair vs the upstream drain pattern, side by side",
+    "faults": "the fault table",
+}
 
 
 class ClientSettings(BaseSettings):
@@ -121,186 +124,6 @@ def _shown(value: Any) -> str:
     return "unset" if value is None else str(value)
 
 
-# --- devstack -------------------------------------------------------------------------------------
-
-
-def add_devstack(subparsers: Any) -> None:
-    parser = subparsers.add_parser(
-        "devstack",
-        help="Run NATS JetStream and the local Antenna API in the foreground.",
-        description="Start an embedded nats-server (unless --nats-url is given) and the Antenna-compatible API, "
-        "print where they are, and run until Ctrl-C. State lives in --data-dir and survives restarts.",
-    )
-    add_settings_arguments(parser, QueueSettings)
-    add_settings_arguments(parser, ApiSettings)
-    parser.add_argument(
-        "--nats-port", type=int, default=DEFAULT_NATS_PORT, help="Port of the embedded nats-server (0: any free port)."
-    )
-    parser.add_argument(
-        "--register-kinds", default="sim,ami", metavar="KINDS",
-        help="Model kinds whose algorithms are registered for every pipeline of project 1 at start, comma separated "
-        "(default sim,ami; as an operator runs `register` before starting workers). Results naming any other "
-        "algorithm are refused at save time and never acked, as Antenna does.",
-    )
-    parser.add_argument(
-        "--reap-dead-letters", action="store_true",
-        help="Turn tasks that exhausted max_deliver into error results counted as dead_lettered (off by default, "
-        "as in Antenna, where only a management command or the stale-job reaper does that).",
-    )
-    parser.set_defaults(func=run_devstack)
-
-
-def run_devstack(args: argparse.Namespace) -> int:
-    from antenna_flows.lab.antenna.devstack import DevStack  # uvicorn and FastAPI only for the commands that serve
-
-    queue: QueueSettings = settings_from_args(QueueSettings, args)
-    api: ApiSettings = settings_from_args(ApiSettings, args)
-    kinds = [k.strip() for k in args.register_kinds.split(",") if k.strip()]
-    stack = DevStack(queue, api, nats_port=args.nats_port, register_kinds=kinds, reap_dead_letters=args.reap_dead_letters)
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    with stack:
-        print(_devstack_banner(stack), flush=True)
-        try:
-            while not stop.wait(0.5):
-                pass
-        except KeyboardInterrupt:
-            pass
-        print("stopping...", flush=True)
-    return 0
-
-
-def _devstack_banner(stack: Any) -> str:
-    q = stack.queue_settings
-    env = f"AMI_ANTENNA_API_URL={stack.api_url} AMI_ANTENNA_API_TOKEN={stack.token} AMI_NATS_URL={stack.nats_url}"
-    return "\n".join(
-        [
-            "antenna-flows devstack is up (Ctrl-C to stop)",
-            f"  API      {stack.api_url}",
-            f"  token    {stack.token}   (header  Authorization: Token {stack.token})",
-            f"  NATS     {stack.nats_url}",
-            f"  images   {stack.base_url}/images/demo/640x480/example.jpg",
-            f"  data     {stack.store.path}",
-            f"  queue    ack_wait {q.nats_task_ttr:g}s, max_deliver {q.nats_max_deliver},"
-            f" max_ack_pending {q.nats_max_ack_pending} (for new jobs)",
-            "next:",
-            f"  antenna-flows submit --api-url {stack.api_url} --images 20",
-            f"  antenna-flows jobs --api-url {stack.api_url}",
-            f"  curl -H 'Authorization: Token {stack.token}' '{stack.api_url}/jobs/?ids_only=1&incomplete_only=1'",
-            f"  workers elsewhere: {env}",
-        ]
-    )
-
-
-# --- submit -----------------------------------------------------------------------------------------
-
-
-def add_submit(subparsers: Any) -> None:
-    parser = subparsers.add_parser(
-        "submit",
-        help="Create a job from N demo images or a file of image URLs.",
-        description="Create (and start) a job on the local API: N synthetic frames it serves itself, "
-        "or the URLs in a file (one per line, '#' comments).",
-    )
-    add_settings_arguments(parser, ClientSettings, CLIENT_ALIASES)
-    source = parser.add_mutually_exclusive_group()
-    source.add_argument("-n", "--images", type=int, default=10, metavar="N", help="Number of demo images (default 10).")
-    source.add_argument("--urls-file", type=Path, metavar="PATH", help="File of image URLs, one per line.")
-    parser.add_argument("--pipeline", default=DEFAULT_PIPELINE, help=f"Pipeline slug (default {DEFAULT_PIPELINE}).")
-    parser.add_argument("--priority", type=int, default=0, help="Job priority, higher first (default 0).")
-    parser.add_argument("--missing", type=int, default=0, help="Demo images that answer 404 (default 0).")
-    parser.add_argument("--corrupt", type=int, default=0, help="Demo images that are truncated JPEGs (default 0).")
-    parser.add_argument("--width", type=int, default=640, help="Demo image width (default 640).")
-    parser.add_argument("--height", type=int, default=480, help="Demo image height (default 480).")
-    parser.add_argument("--job-id", type=int, help="Job id (default: the next free one).")
-    parser.add_argument("--name", help="Job name.")
-    parser.add_argument("--no-start", dest="start", action="store_false", help="Create the job without queueing its tasks.")
-    parser.set_defaults(func=run_submit)
-
-
-def run_submit(args: argparse.Namespace) -> int:
-    client: ClientSettings = settings_from_args(ClientSettings, args)
-    images: int | list[str] = args.images
-    if args.urls_file is not None:
-        lines = (line.strip() for line in args.urls_file.read_text().splitlines())
-        images = [line for line in lines if line and not line.startswith("#")]
-    with AntennaAdmin(client.antenna_api_url, client.antenna_api_token) as admin:
-        job = admin.create_job(
-            args.pipeline,
-            images,
-            priority=args.priority,
-            job_id=args.job_id,
-            name=args.name,
-            start=args.start,
-            width=args.width,
-            height=args.height,
-            missing=args.missing,
-            corrupt=args.corrupt,
-        )
-    print(f"job {job.id} {job.status}: {job.total} images, pipeline {job.pipeline_slug}, priority {job.priority}")
-    return 0
-
-
-# --- jobs -----------------------------------------------------------------------------------------------
-
-JOB_COLUMNS: list[tuple[str, Callable[[Job], Any]]] = [
-    ("id", lambda j: j.id),
-    ("pipeline", lambda j: j.pipeline_slug),
-    ("priority", lambda j: j.priority),
-    ("status", lambda j: j.status),
-    ("msgs", lambda j: j.messages),
-    ("pending", lambda j: j.pending),
-    ("ack_pending", lambda j: j.ack_pending),
-    ("redelivered", lambda j: j.redelivered),
-    ("redeliveries", lambda j: j.redeliveries),
-    ("results", lambda j: j.results),
-    ("errors", lambda j: j.errors),
-    ("duplicates", lambda j: j.duplicates),
-    ("total", lambda j: j.total),
-]
-
-
-def format_jobs_table(jobs: Sequence[Job]) -> str:
-    """The field report's per-job table, plus cumulative redeliveries, results, errors and duplicates."""
-    rows = [[h for h, _ in JOB_COLUMNS]] + [[str(get(j)) for _, get in JOB_COLUMNS] for j in jobs]
-    widths = [max(len(row[c]) for row in rows) for c in range(len(JOB_COLUMNS))]
-    lines = []
-    for row in rows:
-        cells = [cell.ljust(w) if c in (1, 3) else cell.rjust(w) for c, (cell, w) in enumerate(zip(row, widths))]
-        lines.append("  ".join(cells).rstrip())
-    return "\n".join(lines)
-
-
-def add_jobs(subparsers: Any) -> None:
-    parser = subparsers.add_parser(
-        "jobs",
-        help="Per-job table: NATS counts (msgs, pending, ack_pending, redelivered) and results.",
-        description="One row per job, oldest first. NATS counts are sampled every second while a job is active "
-        "and frozen at its completion or cancellation.",
-    )
-    add_settings_arguments(parser, ClientSettings, CLIENT_ALIASES)
-    parser.add_argument("--incomplete", action="store_true", help="Only jobs not yet SUCCESS, FAILURE or REVOKED.")
-    parser.add_argument("--pipeline", action="append", help="Only jobs of this pipeline (repeatable).")
-    parser.add_argument("--watch", type=float, metavar="SECONDS", help="Redraw every SECONDS until Ctrl-C.")
-    parser.set_defaults(func=run_jobs)
-
-
-def run_jobs(args: argparse.Namespace) -> int:
-    client: ClientSettings = settings_from_args(ClientSettings, args)
-    with AntennaAdmin(client.antenna_api_url, client.antenna_api_token) as admin:
-        while True:
-            jobs = sorted(admin.jobs(incomplete_only=args.incomplete, pipelines=args.pipeline), key=lambda j: j.id)
-            table = format_jobs_table(jobs) if jobs else "no jobs"
-            if not args.watch:
-                print(table)
-                return 0
-            print(f"\x1b[2J\x1b[H{time.strftime('%H:%M:%S')}  {client.antenna_api_url}\n{table}", flush=True)
-            try:
-                time.sleep(args.watch)
-            except KeyboardInterrupt:
-                return 0
-
-
 # --- worker ------------------------------------------------------------------------------------------
 
 
@@ -317,154 +140,37 @@ def add_worker(subparsers: Any) -> None:
     parser.add_argument("--orchestration", choices=["prefect", "plain"], default="prefect",
                         help="prefect: a flow run with task runs and artifacts; plain: the same code without Prefect.")
     add_settings_arguments(parser, WorkerSettings)
-    add_settings_arguments(parser, DrainSettings)
+    for strategy in strategies().values():
+        strategy.add_arguments(parser)
     parser.set_defaults(func=run_worker_command)
+
+
+def strategies() -> dict[str, Any]:
+    """Worker strategies other distributions provide (the lab: ``drain``), by name."""
+    found = {}
+    for ep in entry_points(group=STRATEGIES_GROUP):
+        try:
+            found[ep.name] = ep.load()
+        except Exception as exc:  # noqa: BLE001 - a broken plugin must not break the worker
+            log.warning("worker strategy %s (%s) unavailable: %s", ep.name, ep.value, exc)
+    return found
 
 
 def run_worker_command(args: argparse.Namespace) -> int:
     settings = settings_from_args(WorkerSettings, args)
-    if args.strategy == "drain":
-        from antenna_flows.lab.bench.drain import run_drain_worker
-
-        totals = run_drain_worker(settings, args.orchestration, settings_from_args(DrainSettings, args))
+    if args.strategy != "fair":
+        strategy = strategies().get(args.strategy)
+        if strategy is None:
+            print(f"error: --strategy {args.strategy} is the lab's baseline, not installed here: {LAB_INSTALL}",
+                  file=sys.stderr)
+            return 2
+        totals = strategy.run(settings, args.orchestration, args)
     else:
         from antenna_flows.runner import run_worker
 
         totals = run_worker(settings, args.orchestration)
     print(f"worker {settings.worker_name} stopped: {totals}")
     return 0
-
-
-# --- bench and demo ---------------------------------------------------------------------------------
-
-
-def add_bench(subparsers: Any) -> None:
-    parser = subparsers.add_parser(
-        "bench",
-        help="Run a benchmark scenario end to end (shared/bench format) and report per job.",
-        description="Start nats-server, the local API and the scenario's workers as separate processes, submit "
-        "its jobs and faults at their times, and report (shared/bench/README.md).",
-    )
-    parser.add_argument("--scenario", required=True, help="Scenario JSON file, or the name of a bundled one "
-                        f"({', '.join(bundled_scenarios())}).")
-    parser.add_argument("--strategy", choices=["fair", "drain"], default="fair")
-    parser.add_argument("--orchestration", choices=["prefect", "plain"], default="prefect")
-    parser.add_argument("--transport", choices=["nats", "rest"], default=None,
-                        help="How fair workers reach tasks (overrides the scenario's; drain always uses REST).")
-    parser.add_argument("--json", type=Path, default=None, metavar="OUT.json", help="Write the report here.")
-    parser.add_argument("--out-dir", type=Path, default=None,
-                        help="Keep worker logs and metrics here (default: a temporary directory, removed).")
-    parser.set_defaults(func=run_bench_command)
-
-
-def add_demo(subparsers: Any) -> None:
-    parser = subparsers.add_parser(
-        "demo",
-        help="The whole thing on this machine: NATS, a local Antenna, demo images, fair workers, a per-job table.",
-        description="Run the field report's mix of six concurrent jobs (2x10, 2x100, 2x500 images) through "
-        "four fair workers (sim model, Prefect flows) on an embedded stack and print what each job got.",
-    )
-    parser.add_argument("--scenario", default="demo", help="Bundled scenario name or JSON file (default: demo).")
-    parser.add_argument("--orchestration", choices=["prefect", "plain"], default="prefect")
-    parser.add_argument("--strategy", choices=["fair", "drain"], default="fair",
-                        help="Run the upstream drain pattern instead, to see the field report's problem.")
-    parser.add_argument("--json", type=Path, default=None, metavar="OUT.json", help="Also write the report here.")
-    parser.add_argument("--out-dir", type=Path, default=None, help="Keep worker logs and metrics here.")
-    parser.set_defaults(func=run_bench_command)
-
-
-def bundled_scenarios() -> list[str]:
-    return sorted(p.stem for p in SCENARIOS_DIR.glob("*.json"))
-
-
-def scenario_path(name: str) -> Path:
-    path = Path(name)
-    if path.exists():
-        return path
-    bundled = SCENARIOS_DIR / f"{name}.json"
-    if bundled.exists():
-        return bundled
-    raise SystemExit(f"error: no scenario file {name!r} (bundled: {', '.join(bundled_scenarios())})")
-
-
-def run_bench_command(args: argparse.Namespace) -> int:
-    import json
-
-    from antenna_flows.lab.bench.bench import BenchOptions, Scenario, format_report, run_bench
-
-    scenario = Scenario.load(scenario_path(args.scenario))
-    options = BenchOptions(strategy=args.strategy, orchestration=args.orchestration, out_dir=args.out_dir,
-                           transport=getattr(args, "transport", None))
-    print(f"running {scenario.name}: {len(scenario.jobs)} jobs, {sum(j.images for j in scenario.jobs)} images, "
-          f"{scenario.workers} {args.strategy} workers ({args.orchestration}); starting the stack...", flush=True)
-    report = run_bench(scenario, options)
-    print(format_report(report))
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
-        print(f"report written to {args.json}")
-    return 0 if report["lost"] == 0 else 3
-
-
-def add_compare(subparsers: Any) -> None:
-    parser = subparsers.add_parser(
-        "compare",
-        help="Run one scenario as fair/Prefect, fair/plain and drain side by side; print the ratios.",
-        description="The figures of BENCHMARKS.md: the fair worker under Prefect and plain (--fair-runs each) and "
-        "the upstream drain pattern (--drain-runs, its random job choice makes it swing), interleaved on this "
-        "machine in one invocation, medians and ratios at the end.",
-    )
-    parser.add_argument("--scenario", required=True, help="Scenario JSON file or bundled name.")
-    parser.add_argument("--fair-runs", type=int, default=2, help="Repeats of each fair variant (default 2).")
-    parser.add_argument("--drain-runs", type=int, default=3, help="Repeats of the drain baseline (default 3).")
-    parser.add_argument("--small", type=int, default=10, help="Jobs of at most this many images count as small.")
-    parser.add_argument("--json", type=Path, default=None, metavar="OUT.json", help="Write every report here.")
-    parser.add_argument("--out-dir", type=Path, default=None, help="Keep worker logs and metrics here.")
-    parser.set_defaults(func=run_compare_command)
-
-
-def run_compare_command(args: argparse.Namespace) -> int:
-    import json
-
-    from antenna_flows.lab.bench.bench import Scenario
-    from antenna_flows.lab.bench.compare import compare, format_comparison
-
-    result = compare(Scenario.load(scenario_path(args.scenario)), args.fair_runs, args.drain_runs, args.small,
-                     args.out_dir)
-    print(format_comparison(result))
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
-    return 0
-
-
-def add_faults(subparsers: Any) -> None:
-    parser = subparsers.add_parser(
-        "faults",
-        help="Run the fault scenarios against the same mix without a fault; print the fault table.",
-        description="faults-none, then each faults-* scenario (one fault each on one mix): lost, dead-lettered, "
-        "duplicates, redeliveries, time to recover, throughput vs the no-fault run.",
-    )
-    parser.add_argument("--strategy", choices=["fair", "drain"], default="fair")
-    parser.add_argument("--orchestration", choices=["prefect", "plain"], default="plain",
-                        help="prefect also runs faults-prefect-down. Default plain.")
-    parser.add_argument("--only", nargs="*", default=None, metavar="NAME", help="Only these fault scenarios.")
-    parser.add_argument("--json", type=Path, default=None, metavar="OUT.json", help="Write every report here.")
-    parser.add_argument("--out-dir", type=Path, default=None, help="Keep worker logs and metrics here.")
-    parser.set_defaults(func=run_faults_command)
-
-
-def run_faults_command(args: argparse.Namespace) -> int:
-    from antenna_flows.lab.bench.faults import main as faults_main
-
-    argv = ["--strategy", args.strategy, "--orchestration", args.orchestration, "--log-level", "WARNING"]
-    if args.only:
-        argv += ["--only", *args.only]
-    if args.json:
-        argv += ["--json", str(args.json)]
-    if args.out_dir:
-        argv += ["--out-dir", str(args.out_dir)]
-    return faults_main(argv)
 
 
 # --- register ---------------------------------------------------------------------------------------
@@ -510,25 +216,55 @@ def run_register(args: argparse.Namespace) -> int:
 
 # --- the command ----------------------------------------------------------------------------------------
 
-SUBCOMMANDS: list[Callable[[Any], None]] = [
-    add_demo, add_worker, add_bench, add_compare, add_faults, add_devstack, add_submit, add_jobs, add_register,
-]
+SUBCOMMANDS: list[Callable[[Any], None]] = [add_worker, add_register]
+
+
+def add_plugin_commands(subparsers: Any) -> None:
+    """Commands of other distributions (the lab's)."""
+    for ep in entry_points(group=COMMANDS_GROUP):
+        try:
+            ep.load()(subparsers)
+        except Exception as exc:  # noqa: BLE001 - a broken plugin must not break the worker command
+            log.warning("commands %s (%s) unavailable: %s", ep.name, ep.value, exc)
+
+
+def add_missing_lab_commands(subparsers: Any) -> None:
+    """The lab's commands on a product-only install: each says how to install the lab."""
+    for name, what in LAB_COMMANDS.items():
+        if name in subparsers.choices:
+            continue
+        parser = subparsers.add_parser(name, help=f"(lab, not installed) {what}", add_help=False)
+        parser.add_argument("rest", nargs=argparse.REMAINDER)
+        parser.set_defaults(func=lambda args, name=name: _lab_missing(name))
+
+
+def _lab_missing(name: str) -> int:
+    print(f"error: `antenna-flows {name}` is a lab command and the lab is not installed: {LAB_INSTALL}",
+          file=sys.stderr)
+    return 2
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="antenna-flows",
-        description="Fair GPU workers for the AMI Antenna platform, and a local Antenna to run them against.",
+        description="Fair GPU workers for the AMI Antenna platform (worker, register), and, with the lab "
+        "installed, a local Antenna to run them against (demo, devstack, submit, jobs, bench, compare, faults).",
     )
     parser.add_argument("--log-level", default="INFO", help="Logging level (default INFO).")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in SUBCOMMANDS:
         add(subparsers)
+    add_plugin_commands(subparsers)
+    add_missing_lab_commands(subparsers)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    return run_command(build_parser(), argv)
+
+
+def run_command(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> int:
+    """Parse, set up logging, run the subcommand; errors a user can act on become one line and exit 1."""
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format=LOG_FORMAT)
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request drowns everything else

@@ -24,7 +24,7 @@ def flow_overrides(settings: WorkerSettings) -> dict[str, Any]:
 def run_worker(settings: WorkerSettings, orchestration: Literal["prefect", "plain"] = "prefect") -> dict[str, Any]:
     if orchestration == "prefect":
         os.environ["AMI_ANTENNA_API_TOKEN"] = settings.antenna_api_token
-        from flows.worker import fair_worker
+        from antenna_flows.flows.worker import fair_worker
 
         return asyncio.run(fair_worker(worker_name=settings.worker_name, settings_overrides=flow_overrides(settings)))
 

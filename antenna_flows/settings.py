@@ -1,12 +1,8 @@
 """Every knob of antenna-flows, read from the environment (``AMI_`` prefix) and ``.env``.
 
-Three groups, one per process kind, so each command's ``--help`` lists exactly
-what it reads:
-
-- :class:`QueueSettings`: Antenna's NATS settings (``NATS_TASK_TTR`` and friends),
-  used by whatever creates job streams (the local API, the bench).
-- :class:`ApiSettings`: the local Antenna-compatible API.
-- :class:`WorkerSettings`: one worker process (one GPU).
+:class:`WorkerSettings`: one worker process (one GPU), so ``antenna-flows worker
+--help`` lists exactly what it reads. (The lab's stand-in Antenna and bench have
+settings of their own, in ``antenna_lab.settings``.)
 
 Defaults are what a single-machine deployment wants; Antenna's own defaults
 are noted where they differ.
@@ -27,7 +23,7 @@ DEFAULT_TOKEN = "antenna-dev-token"
 DEFAULT_API_URL = "http://127.0.0.1:8000/api/v2"
 
 
-def _config() -> SettingsConfigDict:
+def settings_config() -> SettingsConfigDict:
     return SettingsConfigDict(
         env_prefix=ENV_PREFIX,
         env_file=".env",
@@ -49,46 +45,10 @@ def _split_csv(value: Any) -> Any:
     return value
 
 
-class QueueSettings(BaseSettings):
-    """Antenna's JetStream settings for job streams (names as in Antenna's settings)."""
-
-    model_config = _config()
-
-    nats_url: str | None = Field(
-        None,
-        description="NATS server URL (nats://host:port). Unset: commands that need one start an embedded nats-server.",
-    )
-    nats_task_ttr: float = Field(
-        300.0, gt=0, description="Consumer ack_wait in seconds (Antenna's NATS_TASK_TTR; 300 in its settings)."
-    )
-    nats_max_deliver: int = Field(5, ge=1, description="Consumer max_deliver (Antenna's NATS_MAX_DELIVER; 5 in production).")
-    nats_max_ack_pending: int = Field(
-        1000, ge=1, description="Consumer max_ack_pending (Antenna's NATS_MAX_ACK_PENDING)."
-    )
-    nats_store_dir: Path | None = Field(
-        None, description="JetStream store directory for an embedded nats-server (default: a temporary directory)."
-    )
-
-
-class ApiSettings(BaseSettings):
-    """The local Antenna-compatible API (a stand-in for Antenna's job plane)."""
-
-    model_config = _config()
-
-    api_host: str = Field("127.0.0.1", description="Interface the local API binds to.")
-    api_port: int = Field(8000, ge=0, le=65535, description="Port of the local API (0: any free port).")
-    api_token: str = Field(DEFAULT_TOKEN, description="The one token the local API accepts (Authorization: Token ...).")
-    api_db_path: Path | None = Field(None, description="SQLite file for jobs and results (default: in the data dir).")
-    data_dir: Path = Field(Path("var"), description="Where the local stack keeps its database, images and NATS store.")
-    api_max_body_bytes: int = Field(
-        32 * 1024 * 1024, ge=1024, description="Largest request body the local API accepts (413 above)."
-    )
-
-
 class WorkerSettings(BaseSettings):
     """One fair worker: which Antenna, which NATS, which pipelines, and its limits."""
 
-    model_config = _config()
+    model_config = settings_config()
 
     antenna_api_url: str = Field(DEFAULT_API_URL, description="Base URL of Antenna's API (ending in /api/v2).")
     antenna_api_token: str = Field(DEFAULT_TOKEN, description="Antenna API token (sent as 'Authorization: Token ...').")
@@ -209,14 +169,3 @@ class WorkerSettings(BaseSettings):
     @classmethod
     def _expand(cls, value: Path) -> Path:
         return value.expanduser()
-
-
-class DrainSettings(BaseSettings):
-    """The upstream worker's knobs, for the ``drain`` baseline (``--strategy drain``)."""
-
-    model_config = _config()
-
-    drain_batch_size: int = Field(24, ge=1, description="drain: tasks per POST /tasks/ (upstream antenna_api_batch_size).")
-    drain_loaders: int = Field(4, ge=1, description="drain: DataLoader subprocesses reserving in parallel (num_workers).")
-    drain_prefetch: int = Field(4, ge=1, description="drain: batches each loader holds ahead of the GPU (prefetch_factor).")
-    drain_idle_sleep_s: float = Field(5.0, ge=0, description="drain: sleep when no job is found (SLEEP_TIME_SECONDS).")

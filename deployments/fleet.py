@@ -16,7 +16,7 @@ Each (host, GPU) is a *slot* named ``<host>-gpu<N>``: one fair-worker run
 with concurrency 1, so a GPU never runs two workers even if two runs exist.
 The host's Prefect worker polls only its own slots' queues::
 
-    python -m deployments.fleet worker-command gpu-a      # prints the prefect worker start line
+    python -m antenna_flows.deployments.fleet worker-command gpu-a      # prints the prefect worker start line
 
 Pure Python (no Prefect import): the keeper flow (flows/fleet.py) and the tests use it.
 """
@@ -183,7 +183,7 @@ def worker_command(fleet: Fleet, host: str, pool: str | None = None) -> list[str
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m deployments.fleet", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m antenna_flows.deployments.fleet", description=__doc__.split("\n\n")[0])
     parser.add_argument("--spec", default=None, help=f"fleet spec (default: ${SPEC_ENV} or {DEFAULT_SPEC})")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("slots", help="list the slots of the spec")

@@ -20,8 +20,8 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import acreate_table_artifact
 from prefect.client.orchestration import get_client
 
-from deployments.fleet import load_fleet
-from tasks.fleet import keep_fleet
+from antenna_flows.deployments.fleet import load_fleet
+from antenna_flows.tasks.fleet import keep_fleet
 
 ARTIFACT_KEY = "fleet"
 

@@ -16,7 +16,7 @@ from typing import Any
 import antenna_flows.prefect_env  # noqa: F401 - before prefect
 from prefect import flow, get_run_logger
 
-from flows.worker import fair_worker
+from antenna_flows.flows.worker import fair_worker
 
 
 def worker_name_for(job_ids: list[int], given: str | None) -> str:

@@ -24,7 +24,7 @@ from prefect.artifacts import acreate_progress_artifact, acreate_table_artifact
 from prefect.client.orchestration import get_client
 
 from antenna_flows.settings import WorkerSettings
-from tasks.queue_stats import (
+from antenna_flows.tasks.queue_stats import (
     REPORT_KEY,
     build_rows,
     incomplete_jobs,

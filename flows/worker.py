@@ -44,8 +44,8 @@ from antenna_flows.models import load_model
 from antenna_flows.orchestration import backoff_delays
 from antenna_flows.settings import WorkerSettings
 from antenna_flows.worker import FairWorker
-from tasks.queue import QUEUES, WINDOW_S, WorkQueue, jobs_of_label, serve_window
-from tasks.report import publish_job_table
+from antenna_flows.tasks.queue import QUEUES, WINDOW_S, WorkQueue, jobs_of_label, serve_window
+from antenna_flows.tasks.report import publish_job_table
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +75,7 @@ async def inference_session(worker: str, number: int) -> dict[str, Any]:
 
 
 # SIGTERM and cancels: flows/stopping.py (the worker's graceful stop, not Prefect's crash).
-from flows.stopping import _STOPPERS, _cancel_requested, _on_sigterm, graceful_sigterm, take_over_sigterm  # noqa: E402,F401
+from antenna_flows.flows.stopping import _STOPPERS, _cancel_requested, _on_sigterm, graceful_sigterm, take_over_sigterm  # noqa: E402,F401
 
 # --- the orchestrator -------------------------------------------------------------------------
 

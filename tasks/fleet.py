@@ -40,7 +40,7 @@ from prefect.deployments import run_deployment
 from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
 from prefect.states import Cancelled, Crashed
 
-from deployments.fleet import FLEET_TAG, Fleet, Slot, slot_of
+from antenna_flows.deployments.fleet import FLEET_TAG, Fleet, Slot, slot_of
 
 log = logging.getLogger(__name__)
 

@@ -36,7 +36,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from prefect.states import Completed
 
-from tasks.retry import is_retryable
+from antenna_flows.tasks.retry import is_retryable
 
 log = logging.getLogger(__name__)
 

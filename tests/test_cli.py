@@ -12,10 +12,12 @@ import time
 import httpx
 import pytest
 
-from antenna_flows.lab.antenna.models import Job
-from antenna_flows.cli import add_settings_arguments, build_parser, format_jobs_table, main, settings_from_args
-from antenna_flows.lab.antenna.devstack import DevStack
-from antenna_flows.settings import ApiSettings, QueueSettings, WorkerSettings
+from antenna_lab.antenna.models import Job
+from antenna_flows.cli import add_settings_arguments, build_parser, main, settings_from_args
+from antenna_lab.cli import format_jobs_table
+from antenna_lab.antenna.devstack import DevStack
+from antenna_flows.settings import WorkerSettings
+from antenna_lab.settings import ApiSettings, QueueSettings
 
 
 @pytest.mark.parametrize("settings_cls", [QueueSettings, ApiSettings, WorkerSettings])

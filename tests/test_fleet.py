@@ -26,7 +26,7 @@ import httpx
 import pytest
 
 import antenna_flows.prefect_env  # noqa: F401 - before prefect
-from deployments.fleet import SpecError, load_fleet, parse_fleet, slot_of, worker_command
+from antenna_flows.deployments.fleet import SpecError, load_fleet, parse_fleet, slot_of, worker_command
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -232,7 +232,7 @@ def prefect_harness():
 
 @pytest.mark.prefect
 async def test_process_jobs_serves_only_the_named_jobs_and_exits_when_they_are_done(prefect_harness, stack, monkeypatch):
-    from flows.process_jobs import process_jobs
+    from antenna_flows.flows.process_jobs import process_jobs
 
     monkeypatch.setenv("AMI_ANTENNA_API_TOKEN", stack.token)
     named = [stack.create_job(PIPELINE, n, job_id=j) for j, n in ((611, 12), (612, 5))]
@@ -266,8 +266,8 @@ async def test_keeper_pass_starts_missing_slots_cancels_duplicates_and_crashes_s
     from prefect.events import emit_event
     from prefect.states import Running
 
-    from flows.worker import fair_worker
-    from tasks.fleet import keep_fleet
+    from antenna_flows.flows.worker import fair_worker
+    from antenna_flows.tasks.fleet import keep_fleet
 
     spec = {
         "deployment": "fair-worker/keeper-test",
@@ -312,7 +312,7 @@ async def test_keeper_pass_starts_missing_slots_cancels_duplicates_and_crashes_s
         # gpu0 is Running without any heartbeat ever (heartbeats off): never called stale.
         await client.set_flow_run_state(gpu0.id, Running(), force=True)
 
-        from tasks.fleet import last_heartbeat
+        from antenna_flows.tasks.fleet import last_heartbeat
 
         since = dt.datetime.now(dt.timezone.utc) - dt.timedelta(minutes=5)
         deadline = time.monotonic() + 30
@@ -387,7 +387,7 @@ def test_backoff_after_runs_that_fail_at_start():
 
     from prefect.client.schemas.objects import FlowRun, State, StateType
 
-    from tasks.fleet import backoff_s
+    from antenna_flows.tasks.fleet import backoff_s
 
     now = dt.datetime.now(dt.timezone.utc)
 

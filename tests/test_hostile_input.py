@@ -27,7 +27,7 @@ from PIL import Image
 
 from antenna_flows.imageloader import FORMATS, ImageError, ImageLoader, _host_allowed
 from antenna_flows.jetstream import MAX_TASK_BYTES, MAX_TASK_ID_CHARS, loose_image_id, parse_task
-from antenna_flows.lab.antenna.natsserver import EmbeddedNats
+from antenna_lab.antenna.natsserver import EmbeddedNats
 from antenna_flows.models.ami import AmiModel
 from antenna_flows.settings import WorkerSettings
 from tests.helpers import Spy, serve_http

@@ -9,7 +9,7 @@ from typing import AsyncIterator
 
 import pytest
 
-from antenna_flows.lab.antenna.streams import JobStreams
+from antenna_lab.antenna.streams import JobStreams
 from antenna_flows.jetstream import (
     ADVISORY_STREAM,
     QueueConfig,

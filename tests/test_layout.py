@@ -1,9 +1,10 @@
 """The product never imports the lab.
 
-The product is ``antenna_flows`` (less ``antenna_flows.lab``), ``flows/``, ``tasks/`` and
-``deployments/``: what runs on a GPU host. The lab (local Antenna, bench, baselines) may import
-the product, never the other way round. ``antenna_flows/cli.py`` is the one entry point that wires
-both (its lab commands import lazily), so it is the one exemption.
+The product is ``antenna_flows`` with ``flows/``, ``tasks/`` and ``deployments/``: what runs on
+a GPU host. The lab (``lab/antenna_lab``: local Antenna, bench, baselines) is a distribution of
+its own that may import the product, never the other way round; it plugs its commands into
+``antenna-flows`` through entry points, so no product module is exempt. A product-only install
+(``pip install .``) must not even find it: :func:`test_product_install_has_no_lab` checks the wheel.
 """
 
 from __future__ import annotations
@@ -13,8 +14,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PRODUCT = [ROOT / "antenna_flows", ROOT / "flows", ROOT / "tasks", ROOT / "deployments"]
-LAB = "antenna_flows.lab"
-ENTRY_POINTS = {ROOT / "antenna_flows" / "cli.py"}
+LAB = "antenna_lab"
 
 
 def imported_modules(path: Path) -> set[str]:
@@ -32,8 +32,6 @@ def product_files() -> list[Path]:
     files = []
     for top in PRODUCT:
         for path in top.rglob("*.py"):
-            if (ROOT / "antenna_flows" / "lab") in path.parents or path in ENTRY_POINTS:
-                continue
             files.append(path)
     return files
 
@@ -45,12 +43,13 @@ def test_product_never_imports_lab():
     }
     offenders = {k: v for k, v in offenders.items() if v}
     assert not offenders, f"product modules import the lab: {offenders}"
+    assert not (ROOT / "antenna_flows" / "lab").exists(), "the lab lives in lab/antenna_lab, not in the product"
 
 
 def test_the_check_sees_lab_imports(tmp_path):
     probe = tmp_path / "probe.py"
-    probe.write_text("from antenna_flows.lab.antenna.demo_images import generate_frame\nimport antenna_flows.lab\n")
-    assert {LAB, "antenna_flows.lab.antenna.demo_images"} <= imported_modules(probe)
+    probe.write_text("from antenna_lab.antenna.demo_images import generate_frame\nimport antenna_lab\n")
+    assert {LAB, "antenna_lab.antenna.demo_images"} <= imported_modules(probe)
     assert len(product_files()) > 20  # the walk found the product
 
 

@@ -351,7 +351,7 @@ def test_fast_configuration_matches_the_fp32_reference(tmp_path: Path) -> None:
     The detector runs fp32 here: a Faster R-CNN with random weights is chaotic under bf16 (its
     proposals and box deltas have no trained structure; measured on these frames: 7 of 57 boxes
     matched at IoU 0.9 under bf16, 57 of 57 folded in fp32), so its bf16 check needs the real
-    weights on a GPU (antenna_flows/lab/bench/gpu_bench.py).
+    weights on a GPU (lab/antenna_lab/bench/gpu_bench.py).
     """
     slug = "panama_moths_2024"
     base = PIPELINES[slug]

@@ -33,11 +33,11 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName
 from prefect.states import Cancelling
 
-from antenna_flows.lab.antenna.admin import AsyncAntennaAdmin
+from antenna_lab.antenna.admin import AsyncAntennaAdmin
 from antenna_flows.models import load_model
 from antenna_flows.settings import WorkerSettings
 from antenna_flows.worker import FairWorker
-from flows.worker import fair_worker
+from antenna_flows.flows.worker import fair_worker
 
 pytestmark = pytest.mark.prefect
 
@@ -45,7 +45,7 @@ PIPELINE = "panama_moths_2024"
 REPO = Path(__file__).resolve().parents[1]
 RUN_WORKER = """
 import asyncio, json, sys
-from flows.worker import fair_worker
+from antenna_flows.flows.worker import fair_worker
 state = asyncio.run(fair_worker(worker_name=sys.argv[1], settings_overrides=json.loads(sys.argv[2]),
                                 window_s=float(sys.argv[3]), return_state=True))
 print("STATE " + state.type.value, flush=True)
@@ -173,7 +173,7 @@ async def test_sigterm_finishes_the_batch_and_the_run_completes(prefect_server, 
 
 @pytest.mark.timeout(400)
 async def test_workers_go_on_while_the_prefect_server_is_down(stack, tmp_path):
-    from antenna_flows.lab.bench.bench import PrefectServer
+    from antenna_lab.bench.bench import PrefectServer
 
     (tmp_path / "prefect").mkdir()
     server = PrefectServer(tmp_path / "prefect").start()
@@ -233,7 +233,7 @@ def _read_runs(env: dict[str, str], prefix: str) -> dict[str, str]:
 
 async def test_units_run_when_windows_cannot_start(caplog):
     """A window that fails, or never starts, costs the work at most one grace period, then none."""
-    from tasks.queue import WorkQueue
+    from antenna_flows.tasks.queue import WorkQueue
 
     async def broken(number: int) -> None:
         raise RuntimeError("Prefect task engine unavailable")
@@ -258,7 +258,7 @@ async def test_units_run_when_windows_cannot_start(caplog):
 
 
 async def test_a_window_takes_concurrent_units_and_counts_them():
-    from tasks.queue import WorkQueue
+    from antenna_flows.tasks.queue import WorkQueue
 
     tallies: list[tuple[dict[str, Any], str]] = []
     queue: WorkQueue
@@ -299,7 +299,7 @@ async def test_rollover_starts_the_next_run_of_the_deployment(prefect_server):
 
     from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
 
-    from flows.worker import _roll_over
+    from antenna_flows.flows.worker import _roll_over
 
     deployment_id = await (await fair_worker.ato_deployment(name="rollover-test")).apply()
     params = {"worker_name": "gpu-host-0", "device": "cuda:0"}
@@ -321,7 +321,7 @@ def test_a_subflow_engine_arms_the_graceful_stop_not_prefects_crash():
     """What each session subflow's engine installs for SIGTERM while a worker flow runs."""
     from prefect.utilities.engine import capture_sigterm
 
-    from flows.worker import _on_sigterm, graceful_sigterm
+    from antenna_flows.flows.worker import _on_sigterm, graceful_sigterm
 
     before = signal.getsignal(signal.SIGTERM)
     with graceful_sigterm():
@@ -334,7 +334,7 @@ def test_a_subflow_engine_arms_the_graceful_stop_not_prefects_crash():
 
 SERVE = """
 import json, sys
-from flows.worker import fair_worker
+from antenna_flows.flows.worker import fair_worker
 fair_worker.serve(name="cancel-test", limit=1)
 """
 

@@ -20,9 +20,9 @@ from prefect import flow
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import ArtifactCollectionFilter, ArtifactCollectionFilterKey
 
-from flows.queue_report import queue_report
-from tasks.queue_stats import REPORT_KEY, human_duration, job_counts, parse_time, progress_key, table_rows
-from tasks.report import publish_job_table
+from antenna_flows.flows.queue_report import queue_report
+from antenna_flows.tasks.queue_stats import REPORT_KEY, human_duration, job_counts, parse_time, progress_key, table_rows
+from antenna_flows.tasks.report import publish_job_table
 
 pytestmark = pytest.mark.prefect
 

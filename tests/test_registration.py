@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from antenna_flows.lab.antenna.devstack import DevStack
+from antenna_lab.antenna.devstack import DevStack
 from antenna_flows.models import fakes
 from antenna_flows.models.registry import PIPELINES
 from antenna_flows.models.weights import MissingWeights

@@ -20,8 +20,8 @@ from prefect.testing.utilities import prefect_test_harness
 
 from antenna_flows.antenna_client import AuthError, Rejected, Unavailable
 from antenna_flows.orchestration import PlainOrchestrator, is_retryable
-from tasks.queue import Unit, execute
-from tasks.retry import retryable
+from antenna_flows.tasks.queue import Unit, execute
+from antenna_flows.tasks.retry import retryable
 
 OUTAGES = [
     Unavailable("HTTP 503 from http://antenna/api/v2/jobs/1/result/"),

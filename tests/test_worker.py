@@ -15,8 +15,8 @@ from typing import Any, Awaitable, Callable
 
 import pytest
 
-from antenna_flows.lab.antenna.admin import AntennaError, AsyncAntennaAdmin
-from antenna_flows.lab.antenna.streams import JobStreams
+from antenna_lab.antenna.admin import AntennaError, AsyncAntennaAdmin
+from antenna_lab.antenna.streams import JobStreams
 from antenna_flows.jetstream import stream_name, subject_name
 from antenna_flows.models.sim import SimModel
 from antenna_flows.settings import WorkerSettings

@@ -14,10 +14,10 @@ import antenna_flows.prefect_env  # noqa: F401 - before prefect
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter
 
-from antenna_flows.lab.antenna.admin import AsyncAntennaAdmin
-from antenna_flows.lab.bench.drain_flow import drain_worker
-from flows.worker import fair_worker
-from tasks.report import artifact_key
+from antenna_lab.antenna.admin import AsyncAntennaAdmin
+from antenna_lab.bench.drain_flow import drain_worker
+from antenna_flows.flows.worker import fair_worker
+from antenna_flows.tasks.report import artifact_key
 
 pytestmark = pytest.mark.prefect
 

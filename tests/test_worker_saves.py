@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 
 from antenna_flows.jetstream import JobQueue
-from antenna_flows.lab.antenna.admin import AsyncAntennaAdmin
+from antenna_lab.antenna.admin import AsyncAntennaAdmin
 from tests.test_worker import PIPELINE, all_answered, serve_until, settings_for, worker_for
 
 

@@ -96,7 +96,7 @@ class AmiModel(ModelBase):
         Raises on corrupt data (the loader turns that into the image's error result).
 
         Decoding stays on the CPU. Measured on an H200 with 16 cores, 4K frames, bf16 batches of
-        16 (``antenna_flows/lab/bench/gpu_bench.py --feed``): 8 loader threads decoding this way feed 68
+        16 (``lab/antenna_lab/bench/gpu_bench.py --feed``): 8 loader threads decoding this way feed 68
         img/s, as much as tensors decoded beforehand (65) or nvjpeg batch-decoding on the slot
         (65), while PIL + prepare feeds 32 (its threads also slow the slot down). nvjpeg
         would buy nothing yet and would put decoding on the slot and let one corrupt file fail

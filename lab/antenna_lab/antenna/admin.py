@@ -30,8 +30,8 @@ from antenna_flows.antenna_client import (
     check_response,
     transport_error,
 )
-from antenna_flows.lab.antenna.models import Job
-from antenna_flows.lab.antenna.demo_images import demo_image_urls
+from antenna_lab.antenna.models import Job
+from antenna_lab.antenna.demo_images import demo_image_urls
 
 __all__ = [
     "ADMIN_USER_AGENT", "AntennaAdmin", "AntennaError", "AsyncAntennaAdmin", "AuthError", "Rejected", "Unavailable",

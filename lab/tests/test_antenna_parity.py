@@ -17,10 +17,10 @@ import httpx
 
 from antenna_flows.antenna_client import AntennaClient
 from antenna_flows.jetstream import parse_ack_subject, stream_name
-from antenna_flows.lab.antenna.streams import JobStreams
+from antenna_lab.antenna.streams import JobStreams
 from antenna_flows.schemas import PipelineResultsResponse, TaskResult
 
-from tests.test_api_contract import PIPELINE, error, post_results, reserve, success
+from lab.tests.test_api_contract import PIPELINE, error, post_results, reserve, success
 
 FAST = dict(ack_wait_s=1.0, max_deliver=3)
 AMI_KEYS = ("fasterrcnn_for_ami_moth_traps_2023", "moth_nonmoth_classifier")

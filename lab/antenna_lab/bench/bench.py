@@ -42,11 +42,11 @@ from typing import Any, Literal
 import httpx
 from pydantic import BaseModel, ConfigDict, Field
 
-from antenna_flows.lab.antenna.demo_images import demo_image_urls
-from antenna_flows.lab.antenna.admin import AntennaAdmin, AntennaError
-from antenna_flows.lab.antenna.devstack import DevStack
-from antenna_flows.lab.antenna.natsserver import free_port
-from antenna_flows.settings import ApiSettings, QueueSettings
+from antenna_lab.antenna.demo_images import demo_image_urls
+from antenna_lab.antenna.admin import AntennaAdmin, AntennaError
+from antenna_lab.antenna.devstack import DevStack
+from antenna_lab.antenna.natsserver import free_port
+from antenna_lab.settings import ApiSettings, QueueSettings
 
 log = logging.getLogger(__name__)
 

@@ -18,9 +18,9 @@ from nats.js.errors import NotFoundError
 from PIL import Image
 
 from antenna_flows.antenna_client import AntennaClient, Rejected
-from antenna_flows.lab.antenna.admin import AntennaError, AsyncAntennaAdmin
-from antenna_flows.lab.antenna.devstack import DevStack
-from antenna_flows.lab.antenna.streams import JobStreams
+from antenna_lab.antenna.admin import AntennaError, AsyncAntennaAdmin
+from antenna_lab.antenna.devstack import DevStack
+from antenna_lab.antenna.streams import JobStreams
 from antenna_flows.jetstream import ADVISORY_STREAM, dlq_name, parse_ack_subject, stream_name
 
 PIPELINE = "panama_moths_2024"

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from antenna_flows.lab.bench.bench import Scenario
-from antenna_flows.lab.bench.compare import small_job_latency, summarize
-from antenna_flows.lab.bench.faults import FAULT_SCENARIOS, time_to_recover
+from antenna_lab.bench.bench import Scenario
+from antenna_lab.bench.compare import small_job_latency, summarize
+from antenna_lab.bench.faults import FAULT_SCENARIOS, time_to_recover
 
 SCENARIO = {
     "name": "tiny",
@@ -164,7 +164,7 @@ def test_time_to_recover() -> None:
 
 
 def test_fault_scenarios_are_one_mix_with_one_fault_each() -> None:
-    bundled = Path(__file__).resolve().parents[1] / "antenna_flows" / "lab" / "bench" / "scenarios"
+    bundled = Path(__file__).resolve().parents[1] / "antenna_lab" / "bench" / "scenarios"
     base = Scenario.load(bundled / "faults-none.json")
     assert not base.faults
     for name in FAULT_SCENARIOS:
@@ -175,8 +175,8 @@ def test_fault_scenarios_are_one_mix_with_one_fault_each() -> None:
 
 
 def test_every_shared_scenario_parses() -> None:
-    shared = Path(__file__).resolve().parents[2] / "shared" / "bench"
-    bundled = Path(__file__).resolve().parents[1] / "antenna_flows" / "lab" / "bench" / "scenarios"
+    shared = Path(__file__).resolve().parents[3] / "shared" / "bench"
+    bundled = Path(__file__).resolve().parents[1] / "antenna_lab" / "bench" / "scenarios"
     files = sorted(bundled.glob("*.json")) + sorted(shared.glob("*.json"))
     assert len(list(bundled.glob("*.json"))) >= 15
     for path in files:

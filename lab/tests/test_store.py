@@ -6,7 +6,7 @@ import threading
 
 import pytest
 
-from antenna_flows.lab.antenna.store import Conflict, NewResult, Store
+from antenna_lab.antenna.store import Conflict, NewResult, Store
 from antenna_flows.jetstream import ConsumerStats
 
 

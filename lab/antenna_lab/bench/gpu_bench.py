@@ -20,9 +20,9 @@ utilisation over the timed batches when the tool is present).
 Needs only torch, torchvision, timm, numpy and pillow (no pydantic): the package's
 ``antenna_flows.models`` __init__ (which imports the worker settings) is bypassed.
 
-    python3 antenna_flows/lab/bench/gpu_bench.py                 # GPU, 4096x2160 (writes $OUT/gpu_bench.json)
-    python3 antenna_flows/lab/bench/gpu_bench.py --cpu           # this machine's CPU, 640x480
-    python3 antenna_flows/lab/bench/gpu_bench.py --cpu --small   # smoke test, a few seconds
+    python3 lab/antenna_lab/bench/gpu_bench.py                 # GPU, 4096x2160 (writes $OUT/gpu_bench.json)
+    python3 lab/antenna_lab/bench/gpu_bench.py --cpu           # this machine's CPU, 640x480
+    python3 lab/antenna_lab/bench/gpu_bench.py --cpu --small   # smoke test, a few seconds
 
 ``--feed`` measures what the worker does instead (writes $OUT/gpu_feed.json): 4096x2160 JPEG
 bytes in memory, decoded + prepared by a pool of N threads for the next batches while the
@@ -32,8 +32,8 @@ tensor, the loader's fast path), "nvjpeg" (threads only wrap the bytes; the slot
 batch-decodes them on the GPU before the pipeline) and "predecoded" (tensors made beforehand:
 the ceiling). Reports images/s, how busy the slot and the GPU were, and decode ms per image.
 
-    python3 antenna_flows/lab/bench/gpu_bench.py --feed                   # GPU
-    python3 antenna_flows/lab/bench/gpu_bench.py --feed --cpu --small     # smoke test
+    python3 lab/antenna_lab/bench/gpu_bench.py --feed                   # GPU
+    python3 lab/antenna_lab/bench/gpu_bench.py --feed --cpu --small     # smoke test
 """
 
 from __future__ import annotations

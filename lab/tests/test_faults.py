@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from antenna_flows.lab.bench.bench import BenchOptions, Scenario, run_bench
+from antenna_lab.bench.bench import BenchOptions, Scenario, run_bench
 
 pytestmark = pytest.mark.slow
 

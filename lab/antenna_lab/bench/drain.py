@@ -45,7 +45,8 @@ from antenna_flows.imageloader import ImageError, ImageLoader
 from antenna_flows.jetstream import parse_ack_subject
 from antenna_flows.models.base import ImageInput, Model
 from antenna_flows.schemas import PipelineProcessingTask, PipelineResultsError, TaskResult
-from antenna_flows.settings import DrainSettings, WorkerSettings
+from antenna_flows.settings import WorkerSettings
+from antenna_lab.settings import DrainSettings
 
 log = logging.getLogger(__name__)
 
@@ -280,7 +281,7 @@ def run_drain_worker(settings: WorkerSettings, orchestration: str, drain: DrainS
     import os
 
     if orchestration == "prefect":
-        from antenna_flows.lab.bench.drain_flow import drain_worker
+        from antenna_lab.bench.drain_flow import drain_worker
         from antenna_flows.runner import flow_overrides
 
         os.environ["AMI_ANTENNA_API_TOKEN"] = settings.antenna_api_token

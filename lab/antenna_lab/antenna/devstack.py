@@ -26,14 +26,14 @@ from typing import Any, Sequence
 
 import uvicorn
 
-from antenna_flows.lab.antenna.admin import AntennaAdmin
-from antenna_flows.lab.antenna.app import HOUSEKEEPING_INTERVAL_S, LocalAntenna, create_app
-from antenna_flows.lab.antenna.jobplane import SAVE_WORKERS
-from antenna_flows.lab.antenna.models import Job
-from antenna_flows.lab.antenna.store import Store
+from antenna_lab.antenna.admin import AntennaAdmin
+from antenna_lab.antenna.app import HOUSEKEEPING_INTERVAL_S, LocalAntenna, create_app
+from antenna_lab.antenna.jobplane import SAVE_WORKERS
+from antenna_lab.antenna.models import Job
+from antenna_lab.antenna.store import Store
 from antenna_flows.jetstream import QueueConfig
-from antenna_flows.lab.antenna.natsserver import EmbeddedNats
-from antenna_flows.settings import ApiSettings, QueueSettings
+from antenna_lab.antenna.natsserver import EmbeddedNats
+from antenna_lab.settings import ApiSettings, QueueSettings
 
 log = logging.getLogger(__name__)
 

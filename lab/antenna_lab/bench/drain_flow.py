@@ -11,9 +11,10 @@ from typing import Any
 import antenna_flows.prefect_env  # noqa: F401 - before prefect
 from prefect import flow, get_run_logger
 
-from antenna_flows.lab.bench.drain import DrainWorker
+from antenna_lab.bench.drain import DrainWorker
 from antenna_flows.models import load_model
-from antenna_flows.settings import DrainSettings, WorkerSettings
+from antenna_flows.settings import WorkerSettings
+from antenna_lab.settings import DrainSettings
 
 
 @flow(name="drain-worker", flow_run_name="{worker_name}", persist_result=False)

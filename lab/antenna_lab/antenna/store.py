@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Literal, Sequence
 
-from antenna_flows.lab.antenna.models import (
+from antenna_lab.antenna.models import (
     ACTIVE_STATES,
     CANCELING,
     CREATED,

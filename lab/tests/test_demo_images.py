@@ -7,7 +7,7 @@ import io
 import pytest
 from PIL import Image
 
-from antenna_flows.lab.antenna.demo_images import DemoImages, demo_image_urls, generate_frame, pool_index
+from antenna_lab.antenna.demo_images import DemoImages, demo_image_urls, generate_frame, pool_index
 
 
 def test_frames_are_light_with_dark_shapes_and_deterministic() -> None:

@@ -11,7 +11,7 @@ the mix alone. For each, one row:
   back before the work ran out, or the scenario has no timed fault (bad images);
 - throughput vs no fault: images per second over the no-fault run's.
 
-    python -m antenna_flows.lab.bench.faults [--strategy fair] [--orchestration plain] [--only NAME ...] [--json OUT]
+    python -m antenna_lab.bench.faults [--strategy fair] [--orchestration plain] [--only NAME ...] [--json OUT]
 
 ``faults-prefect-down`` needs ``--orchestration prefect`` and is skipped
 otherwise.
@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from antenna_flows.lab.bench.bench import BenchOptions, Scenario, run_bench
+from antenna_lab.bench.bench import BenchOptions, Scenario, run_bench
 
 SCENARIOS_DIR = Path(__file__).parent / "scenarios"
 BASELINE = "faults-none"
@@ -135,7 +135,7 @@ def format_faults(result: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m antenna_flows.lab.bench.faults", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m antenna_lab.bench.faults", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--strategy", choices=["fair", "drain"], default="fair")
     parser.add_argument("--orchestration", choices=["prefect", "plain"], default="plain")

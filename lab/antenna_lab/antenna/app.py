@@ -34,7 +34,7 @@ from pydantic import BaseModel, Field, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from antenna_flows.lab.antenna.drf import (
+from antenna_lab.antenna.drf import (
     AUTH_MISSING,
     NOT_FOUND,
     BadRequest,
@@ -43,10 +43,10 @@ from antenna_flows.lab.antenna.drf import (
     parse_json,
     validate,
 )
-from antenna_flows.lab.antenna.jobplane import SAVE_WORKERS, JobPlane, NatsUnavailable
-from antenna_flows.lab.antenna.models import Job, JobCreate
-from antenna_flows.lab.antenna.store import Store
-from antenna_flows.lab.antenna.demo_images import DemoImages, valid_size
+from antenna_lab.antenna.jobplane import SAVE_WORKERS, JobPlane, NatsUnavailable
+from antenna_lab.antenna.models import Job, JobCreate
+from antenna_lab.antenna.store import Store
+from antenna_lab.antenna.demo_images import DemoImages, valid_size
 from antenna_flows.jetstream import QueueConfig
 from antenna_flows.schemas import (
     PipelineRegistrationRequest,

@@ -40,10 +40,10 @@ import nats.errors
 from nats.aio.msg import Msg
 from nats.js.errors import APIError
 
-from antenna_flows.lab.antenna.drf import BadRequest
-from antenna_flows.lab.antenna.models import CREATED, Job, JobCreate
-from antenna_flows.lab.antenna.store import Conflict, ImageRecord, NewResult, Store
-from antenna_flows.lab.antenna.streams import JobStreams
+from antenna_lab.antenna.drf import BadRequest
+from antenna_lab.antenna.models import CREATED, Job, JobCreate
+from antenna_lab.antenna.store import Conflict, ImageRecord, NewResult, Store
+from antenna_lab.antenna.streams import JobStreams
 from antenna_flows.jetstream import (
     ADVISORY_STREAM,
     QueueConfig,

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from antenna_flows.lab.bench.bench import BenchOptions, PrefectServer, Scenario, run_bench
+from antenna_lab.bench.bench import BenchOptions, PrefectServer, Scenario, run_bench
 
 
 def _median(values: list[float | None]) -> float | None:

@@ -12,11 +12,11 @@ from typing import AsyncIterator, Callable, Iterator
 import httpx
 import pytest
 
-from antenna_flows.lab.antenna.admin import AntennaAdmin
-from antenna_flows.lab.antenna.devstack import DevStack
-from antenna_flows.lab.antenna.streams import JobStreams
-from antenna_flows.lab.antenna.natsserver import EmbeddedNats
-from antenna_flows.settings import ApiSettings, QueueSettings
+from antenna_lab.antenna.admin import AntennaAdmin
+from antenna_lab.antenna.devstack import DevStack
+from antenna_lab.antenna.streams import JobStreams
+from antenna_lab.antenna.natsserver import EmbeddedNats
+from antenna_lab.settings import ApiSettings, QueueSettings
 
 StackFactory = Callable[..., DevStack]
 
