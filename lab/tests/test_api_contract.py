@@ -564,3 +564,23 @@ async def test_results_for_tasks_reserved_straight_from_jetstream(stack: DevStac
     assert post_results(api, job.id, *[(t["reply_subject"], success(t)) for t in tasks]).status_code == 200
     stack.wait_saved()
     assert stack.admin.job(job.id).status == "SUCCESS"
+
+
+def test_projects_are_listed_as_antennas_project_viewset(stack: DevStack, api: httpx.Client) -> None:
+    """``GET /projects/``: what ``ami worker register`` reads with no project named (every ``results[].id``)."""
+    first = api.get("projects/").json()
+    assert (first["count"], first["next"], first["previous"]) == (1, None, None)
+    [default] = first["results"]
+    assert set(default) >= {"id", "name", "description", "details", "deployments_count", "created_at", "updated_at",
+                            "image", "draft", "user_permissions"}
+    assert (default["id"], default["name"]) == (1, "Default project")
+    assert httpx.get(default["details"], headers=api.headers).json()["id"] == 1
+    pipeline = {"name": "P", "slug": "p_for_project_5", "version": 1, "algorithms": []}
+    assert api.post("projects/5/pipelines/", json={"processing_service_name": "s", "pipelines": [pipeline]}).status_code == 201
+    stack.create_job(PIPELINE, 1, project_id=3)
+    listed = api.get("projects/").json()
+    assert [p["id"] for p in listed["results"]] == [1, 3, 5]
+    page = api.get("projects/", params={"limit": 2}).json()
+    assert page["count"] == 3 and [p["id"] for p in page["results"]] == [1, 3] and "offset=2" in page["next"]
+    assert httpx.get(f"{stack.api_url}/projects/").status_code == 200  # anonymous read, as Antenna
+    assert api.get("projects/99/").status_code == 404

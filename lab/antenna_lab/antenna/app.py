@@ -22,6 +22,7 @@ own requests, sent with :data:`ADMIN_USER_AGENT`, are not counted).
 from __future__ import annotations
 
 import asyncio
+import datetime
 import logging
 import time
 from contextlib import asynccontextmanager
@@ -342,6 +343,12 @@ async def list_jobs(request: Request) -> dict[str, Any]:
         rows: list[dict[str, Any]] = [{"id": j.id, "pipeline_slug": j.pipeline_slug, "priority": j.priority} for j in jobs]
     else:
         rows = [j.model_dump(mode="json") for j in jobs]
+    next_url, previous_url = _page_links(request, count, limit, offset)
+    return {"count": count, "next": next_url, "previous": previous_url, "results": rows}
+
+
+def _page_links(request: Request, count: int, limit: int, offset: int) -> tuple[str | None, str | None]:
+    """DRF ``LimitOffsetPagination``'s ``next`` and ``previous`` URLs."""
     url = request.url
     next_url = str(url.include_query_params(limit=limit, offset=offset + limit)) if offset + limit < count else None
     previous_url = None
@@ -351,7 +358,7 @@ async def list_jobs(request: Request) -> dict[str, Any]:
             if offset - limit <= 0
             else url.include_query_params(limit=limit, offset=offset - limit)
         )
-    return {"count": count, "next": next_url, "previous": previous_url, "results": rows}
+    return next_url, previous_url
 
 
 @api.post("/jobs/", status_code=201)
@@ -434,6 +441,56 @@ def _task_results(body: _ResultsBody) -> list[TaskResult]:
         errors["results"] += [{}] * (len(body.results) - len(errors["results"]))
         raise BadRequest(errors)
     return out
+
+
+PROJECT_PAGE_SIZE = 40  # Antenna's ProjectPagination.default_limit
+
+
+def _project_row(request: Request, row: dict[str, Any]) -> dict[str, Any]:
+    """Antenna's ``ProjectListSerializer`` fields, plus the per-object ``user_permissions`` DRF adds."""
+    return {
+        "id": row["id"],
+        "name": row["name"],
+        "description": row["description"],
+        "details": str(request.url_for("get_project", project_id=row["id"])),
+        "deployments_count": row["deployments_count"],
+        "created_at": _iso(row["created_at"]),
+        "updated_at": _iso(row["updated_at"]),
+        "image": None,
+        "draft": False,
+        "user_permissions": [],
+    }
+
+
+@public.get("/projects/")
+async def list_projects(request: Request) -> dict[str, Any]:
+    """Antenna's ``ProjectViewSet`` list: limit/offset pages of 40 (what ``ami worker register`` reads with
+    no project named: every ``results[].id``). Every project is visible (the stand-in has one user)."""
+    q = request.query_params
+    limit = _positive_int(q.get("limit"), PROJECT_PAGE_SIZE)
+    offset = _positive_int(q.get("offset"), 0, allow_zero=True)
+    count, rows = _antenna(request).store.projects(limit=limit, offset=offset)
+    next_url, previous_url = _page_links(request, count, limit, offset)
+    return {
+        "count": count,
+        "next": next_url,
+        "previous": previous_url,
+        "results": [_project_row(request, r) for r in rows],
+        "user_permissions": [],
+    }
+
+
+@public.get("/projects/{project_id:int}/")
+async def get_project(request: Request, project_id: int) -> dict[str, Any]:
+    row = _antenna(request).store.project(project_id)
+    if row is None:
+        raise HTTPException(404, NOT_FOUND)
+    return _project_row(request, row)
+
+
+def _iso(unix_s: float) -> str:
+    """Antenna's datetimes as DRF renders them (naive ISO 8601, microseconds)."""
+    return datetime.datetime.fromtimestamp(unix_s).isoformat(timespec="microseconds")
 
 
 @api.post("/projects/{project_id:int}/pipelines/", status_code=201)

@@ -129,6 +129,13 @@ CREATE TABLE IF NOT EXISTS pipeline_algorithms (
     key TEXT NOT NULL,
     PRIMARY KEY (project_id, slug, key)
 );
+CREATE TABLE IF NOT EXISTS projects (
+    id INTEGER PRIMARY KEY,
+    name TEXT NOT NULL,
+    description TEXT NOT NULL DEFAULT '',
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL
+);
 CREATE TABLE IF NOT EXISTS counters (
     name TEXT PRIMARY KEY,
     value INTEGER NOT NULL
@@ -136,6 +143,8 @@ CREATE TABLE IF NOT EXISTS counters (
 """
 
 
+DEFAULT_PROJECT_ID = 1
+DEFAULT_PROJECT_NAME = "Default project"
 FAILURE_THRESHOLD = 0.5  # Antenna: a job whose failed images exceed this fraction ends FAILURE
 
 
@@ -217,6 +226,7 @@ class Store:
         self._db.execute("PRAGMA foreign_keys=ON")
         self._db.executescript(_SCHEMA)
         self._migrate()
+        self.ensure_project(DEFAULT_PROJECT_ID, DEFAULT_PROJECT_NAME)
 
     def close(self) -> None:
         with self._lock:
@@ -281,6 +291,7 @@ class Store:
                     next_pk += 1
                 rows.append((job_id, image_id, position, url))
             self._set_counter(db, "image_pk", next_pk)
+            self._ensure_project(db, project_id, now)
             db.execute(
                 "INSERT INTO jobs (id, name, project_id, pipeline_slug, priority, status, dispatch_mode,"
                 " ack_wait_s, max_deliver, created_at, total) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -557,6 +568,7 @@ class Store:
         now = self._clock()
         created, updated, algorithms_created = [], [], []
         with self._tx() as db:
+            self._ensure_project(db, project_id, now)
             db.execute(
                 "INSERT INTO processing_services (project_id, name, last_seen_at) VALUES (?, ?, ?)"
                 " ON CONFLICT (project_id, name) DO UPDATE SET last_seen_at = excluded.last_seen_at",
@@ -599,6 +611,42 @@ class Store:
     def pipelines(self, project_id: int) -> list[dict[str, Any]]:
         rows = self._query("SELECT config FROM pipelines WHERE project_id = ? ORDER BY slug", (project_id,))
         return [json.loads(r[0]) for r in rows]
+
+    # --- projects -------------------------------------------------------------------------
+
+    def ensure_project(self, project_id: int, name: str | None = None) -> None:
+        """A project exists once it is referenced (a job, a registration), unlike Antenna, where it must be
+        created first: the stand-in has no UI to create one. Project 1 always exists."""
+        now = self._clock()
+        with self._tx() as db:
+            self._ensure_project(db, project_id, now, name)
+
+    @staticmethod
+    def _ensure_project(db: sqlite3.Connection, project_id: int, now: float, name: str | None = None) -> None:
+        db.execute(
+            "INSERT INTO projects (id, name, created_at, updated_at) VALUES (?, ?, ?, ?) ON CONFLICT (id) DO NOTHING",
+            (project_id, name or f"Project {project_id}", now, now),
+        )
+
+    def projects(self, limit: int | None = None, offset: int = 0) -> tuple[int, list[dict[str, Any]]]:
+        """``(count, page)`` of projects by id, each ``{id, name, description, created_at, updated_at,
+        deployments_count}`` (a deployment here: a distinct pipeline of the project's jobs, as a count only)."""
+        with self._lock:
+            count = self._db.execute("SELECT COUNT(*) FROM projects").fetchone()[0]
+            rows = self._db.execute(
+                "SELECT p.*, (SELECT COUNT(DISTINCT j.pipeline_slug) FROM jobs j WHERE j.project_id = p.id)"
+                " AS deployments_count FROM projects p ORDER BY p.id LIMIT ? OFFSET ?",
+                (-1 if limit is None else limit, offset),
+            ).fetchall()
+        return count, [dict(r) for r in rows]
+
+    def project(self, project_id: int) -> dict[str, Any] | None:
+        rows = self._query(
+            "SELECT p.*, (SELECT COUNT(DISTINCT j.pipeline_slug) FROM jobs j WHERE j.project_id = p.id)"
+            " AS deployments_count FROM projects p WHERE p.id = ?",
+            (project_id,),
+        )
+        return dict(rows[0]) if rows else None
 
     # --- counters -------------------------------------------------------------------------
 
