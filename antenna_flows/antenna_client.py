@@ -2,8 +2,8 @@
 
 :class:`AntennaClient` (async, one pooled httpx client per worker) does what a
 worker needs: list incomplete jobs, reserve tasks through the REST endpoint
-(the drain baseline and the REST transport), post results, register
-pipelines. The local API's admin clients (``lab/antenna/admin.py``) build on
+(the drain baseline and the REST transport), post results, list projects and
+register pipelines. The local API's admin clients (``lab/antenna/admin.py``) build on
 the same request checking (:func:`check_response`) and errors.
 
 Errors are sorted into what a caller can act on, all :class:`AntennaError`
@@ -39,6 +39,8 @@ from antenna_flows.schemas import (
 log = logging.getLogger(__name__)
 
 JOBS_PAGE_LIMIT = 1000
+PROJECTS_PAGE_LIMIT = 100
+PROJECTS_MAX = 10_000  # a bound on the walk, far above any Antenna's project count
 
 
 USER_AGENT = f"antenna-flows/{__version__}"
@@ -128,7 +130,7 @@ class AntennaClient:
         try:
             response = await self.http.request(method, path, **kwargs)
         except httpx.HTTPError as exc:
-            raise transport_error(exc, method, path) from exc
+            raise transport_error(exc, method, f"{self.base_url}{path}") from exc
         return check_response(response, method, f"{self.base_url}{path}" if response.status_code in (401, 403) else path)
 
     async def register_pipelines(
@@ -147,6 +149,28 @@ class AntennaClient:
         except ValueError as exc:
             raise Unavailable(f"POST /projects/{project_id}/pipelines/: unreadable answer: {exc}") from exc
         return answer if isinstance(answer, dict) else {"answer": answer}
+
+    async def list_projects(self, page_size: int = PROJECTS_PAGE_LIMIT) -> list[dict[str, Any]]:
+        """``GET /projects/``, every page: the projects this token can see (``id``, ``name``, ...).
+
+        What upstream's ``ami worker register`` reads to register everywhere (Antenna's
+        ProjectViewSet: active projects visible to the user, public ones included, 40 a page by
+        default); pages are walked by offset, not by ``next`` (its host may be Antenna's
+        internal name behind a proxy)."""
+        projects: list[dict[str, Any]] = []
+        offset = 0
+        while True:
+            response = await self._request("GET", "/projects/", params={"limit": page_size, "offset": offset})
+            try:
+                page = response.json()
+                rows = page["results"] if isinstance(page, dict) else page
+                count = page.get("count") if isinstance(page, dict) else len(rows)
+            except (ValueError, KeyError, TypeError) as exc:
+                raise Unavailable(f"GET /projects/: unreadable answer: {exc}") from exc
+            projects.extend(row for row in rows if isinstance(row, dict))
+            offset += len(rows)
+            if not rows or not isinstance(count, int) or offset >= count or offset >= PROJECTS_MAX:
+                return projects
 
     async def list_jobs(self, pipelines: list[str] | None = None, limit: int | None = JOBS_PAGE_LIMIT) -> list[JobListItem]:
         """Incomplete async jobs for these pipelines. ``limit=None`` is Antenna's default (one random job)."""

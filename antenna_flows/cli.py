@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import types
 import typing
@@ -26,12 +27,21 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import httpx
-from pydantic import Field, ValidationError
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import ValidationError
+from pydantic_settings import BaseSettings
 
 from antenna_flows.antenna_client import AntennaError
+from antenna_flows.devices import DeviceSpecError
 from antenna_flows.registration import RegistrationFailed
-from antenna_flows.settings import DEFAULT_API_URL, DEFAULT_TOKEN, ENV_PREFIX, WorkerSettings
+from antenna_flows.settings import (
+    ENV_PREFIX,
+    AntennaSettings,
+    HostSettings,
+    WorkerSettings,
+    env_names,
+    upstream_notes,
+)
+from antenna_flows.unreachable import cannot_reach, is_nats_unreachable, transport_cause
 from antenna_flows.worker import FatalWorkerError
 
 log = logging.getLogger("antenna_flows.cli")
@@ -51,13 +61,9 @@ LAB_COMMANDS = {  # what the lab adds, so a product-only install can say where a
 }
 
 
-class ClientSettings(BaseSettings):
-    """Which Antenna API a client command talks to (the same variables as the worker's)."""
-
-    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, env_file=".env", extra="ignore")
-
-    antenna_api_url: str = Field(DEFAULT_API_URL, description="Base URL of the Antenna API (ending in /api/v2).")
-    antenna_api_token: str = Field(DEFAULT_TOKEN, description="API token (sent as 'Authorization: Token ...').")
+class ClientSettings(AntennaSettings):
+    """Which Antenna API a client command talks to (the same variables as the worker's, upstream's
+    names included; the dev token only for a local Antenna)."""
 
 
 CLIENT_ALIASES = {"antenna_api_url": ["--api-url"], "antenna_api_token": ["--token"]}
@@ -82,7 +88,7 @@ def add_settings_arguments(
         if any(flag in parser._option_string_actions for flag in flags):  # noqa: SLF001 - argparse has no public lookup
             continue
         default = field.get_default(call_default_factory=True)
-        env = f"{ENV_PREFIX}{name.upper()}"
+        env = " or ".join(env_names(name, field))
         text = f"{field.description or name} (default: {_shown(default)}; env {env})".replace("%", "%%")
         kwargs: dict[str, Any] = {"dest": name, "default": None, "help": text}
         annotation = _unoptional(field.annotation)
@@ -130,16 +136,26 @@ def _shown(value: Any) -> str:
 def add_worker(subparsers: Any) -> None:
     parser = subparsers.add_parser(
         "worker",
-        help="Run one worker (one GPU): the fair worker flow, or the upstream drain pattern to compare.",
-        description="Serve every incomplete Antenna job of the given pipelines on one GPU until SIGTERM/SIGINT "
-        "or --max-runtime-s. Under Prefect orchestration (default) the worker is a run of the fair-worker flow "
-        "reporting to PREFECT_API_URL (or a temporary local Prefect server when unset).",
+        help="Run a worker (one per GPU): the fair worker flow, or the upstream drain pattern to compare.",
+        description="Serve every incomplete Antenna job of the given pipelines on one GPU (or one worker process per "
+        "device with --devices) until SIGTERM/SIGINT or --max-runtime-s. Tasks come over Antenna's REST API unless a "
+        "NATS URL is configured (--transport auto). Under Prefect orchestration (default) the worker is a run of the "
+        "fair-worker flow reporting to PREFECT_API_URL (or a temporary local Prefect server when unset); --orchestration "
+        "plain runs the same code without Prefect (supervisord, systemd, SLURM).",
     )
     parser.add_argument("--strategy", choices=["fair", "drain"], default="fair",
                         help="fair: this project's worker; drain: the upstream pattern (baseline). Default fair.")
     parser.add_argument("--orchestration", choices=["prefect", "plain"], default="prefect",
                         help="prefect: a flow run with task runs and artifacts; plain: the same code without Prefect.")
+    parser.add_argument("--pipeline", action="append", default=None, metavar="SLUG", dest="pipeline_list",
+                        help="Serve this pipeline (repeatable, as upstream's `ami worker --pipeline`); adds to --pipelines.")
+    parser.add_argument("--register", action=argparse.BooleanOptionalAction, default=False,
+                        help="Register the served pipelines with Antenna before serving (as `antenna-flows register`: "
+                        "--project, else every project the token can see); a failed registration stops the worker.")
+    parser.add_argument("--project", type=int, action="append", default=None, metavar="ID",
+                        help="With --register: register with this project (repeatable; default every accessible project).")
     add_settings_arguments(parser, WorkerSettings)
+    add_settings_arguments(parser, HostSettings)
     for strategy in strategies().values():
         strategy.add_arguments(parser)
     parser.set_defaults(func=run_worker_command)
@@ -156,8 +172,46 @@ def strategies() -> dict[str, Any]:
     return found
 
 
-def run_worker_command(args: argparse.Namespace) -> int:
+def worker_settings_from_args(args: argparse.Namespace) -> WorkerSettings:
+    """WorkerSettings from environment, .env and options; ``--pipeline`` (repeated) adds to ``--pipelines``."""
     settings = settings_from_args(WorkerSettings, args)
+    extra = list(getattr(args, "pipeline_list", None) or [])
+    if extra:
+        settings.pipelines = list(dict.fromkeys([*settings.pipelines, *extra]))
+    return settings
+
+
+def log_upstream_notes() -> None:
+    for note in upstream_notes():
+        log.warning("%s", note)
+
+
+def run_worker_command(args: argparse.Namespace) -> int:
+    from antenna_flows.devices import auto_device_note, plan_devices, visible_gpus, worker_names
+
+    log_upstream_notes()
+    settings = worker_settings_from_args(args)
+    args.services = {"Antenna": settings.antenna_api_url, "NATS": settings.nats_url}
+    host = settings_from_args(HostSettings, args)
+    if args.register:
+        register_for_worker(settings, args.project)
+    if host.devices:
+        wants_gpus = any(d.strip().lower() == "all" or d.strip().lower().startswith("cuda") for d in host.devices)
+        plan = plan_devices(host.devices, visible_gpus() if wants_gpus else 0)
+        if len(plan.devices) > 1:
+            from antenna_flows.device_workers import DeviceWorkers
+
+            log.info("%s", plan.why)
+            names = worker_names(settings.worker_name if "worker_name" in settings.model_fields_set
+                                 else default_base_name(), plan.devices)
+            return DeviceWorkers(args.argv, plan.devices, names).run()
+        if plan.devices != [settings.device]:
+            log.info("%s", plan.why)
+        settings.device = plan.devices[0]
+    elif settings.model_kind == "ami" and settings.device == "auto":
+        note = auto_device_note(settings.device, visible_gpus())
+        if note:
+            log.warning("%s", note)
     if args.strategy != "fair":
         strategy = strategies().get(args.strategy)
         if strategy is None:
@@ -173,24 +227,55 @@ def run_worker_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def default_base_name() -> str:
+    """Base of the per-device worker names when none is configured: host and the parent's pid."""
+    import socket
+
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+def register_for_worker(settings: WorkerSettings, projects: list[int] | None) -> None:
+    """``worker --register``: register what this worker serves, or raise RegistrationFailed (stops it)."""
+    import asyncio
+
+    from antenna_flows.registration import register_with_projects
+
+    report = asyncio.run(register_with_projects(
+        settings.antenna_api_url, settings.antenna_api_token, projects, settings.antenna_service_name,
+        settings.pipelines or None, model_kind=settings.model_kind, weights_dir=settings.weights_dir,
+        allow_download=settings.allow_weight_download))
+    for line in report.text().splitlines():
+        log.info("register: %s", line)
+    if not report.ok:
+        raise RegistrationFailed(f"registration failed, not serving:\n{report.text()}")
+
+
 # --- register ---------------------------------------------------------------------------------------
 
 
 def add_register(subparsers: Any) -> None:
     parser = subparsers.add_parser(
         "register",
-        help="Register this worker's pipelines with an Antenna project (as the upstream worker does).",
+        help="Register this worker's pipelines with Antenna projects (as upstream's `ami worker register`).",
+        description="Declare the pipelines and the algorithms their results name, as the processing service "
+        "'{AMI_ANTENNA_SERVICE_NAME} ({hostname})', with each --project, or with every project the token can see "
+        "(projects that refuse the token are skipped). Exit 0 when registered somewhere and failed nowhere.",
     )
-    parser.add_argument("--project", type=int, required=True, metavar="ID", help="Antenna project id.")
-    parser.add_argument("--service-name", default=None, help="Processing service name (default: antenna-flows).")
-    parser.add_argument("--pipeline", action="append", default=None, metavar="SLUG",
-                        help="Register only this pipeline (repeatable; default: every pipeline in the registry).")
+    parser.add_argument("--project", type=int, action="append", default=None, metavar="ID",
+                        help="Antenna project id (repeatable; default: every project the token can see).")
+    parser.add_argument("--service-name", default=None,
+                        help="Processing service name, sent as '{name} ({hostname})' (default: env "
+                        "AMI_ANTENNA_SERVICE_NAME, else antenna-flows).")
+    parser.add_argument("--pipeline", action="append", default=None, metavar="SLUG", dest="pipeline_list",
+                        help="Register only this pipeline (repeatable; default: every pipeline of the model kind). "
+                        "With --model-kind sim, X registers sim's own pipeline sim-X.")
+    parser.add_argument("--pipelines", default=None, metavar="A,B", help="Pipelines, comma separated (adds to --pipeline).")
     parser.add_argument("--model-kind", choices=("ami", "sim"), default=None,
                         help="Whose algorithms to declare: 'ami' (the real models, with their category maps) or "
-                        "'sim' (the simulated detector and classifier, for a staging fleet running sim against a "
-                        "real Antenna). Antenna refuses results naming undeclared algorithms. Default: the "
-                        "workers' model kind (env AMI_MODEL_KIND), else ami.")
-    parser.add_argument("--json", dest="json_answer", action="store_true", help="Print Antenna's whole answer as JSON.")
+                        "'sim' (pipelines of its own, sim-<slug>, for a staging fleet running sim against a real "
+                        "Antenna; never a real pipeline). Antenna refuses results naming undeclared algorithms. "
+                        "Default: the workers' model kind (env AMI_MODEL_KIND), else ami.")
+    parser.add_argument("--json", dest="json_answer", action="store_true", help="Print Antenna's whole answers as JSON.")
     add_settings_arguments(parser, ClientSettings, CLIENT_ALIASES)
     parser.set_defaults(func=run_register)
 
@@ -199,19 +284,24 @@ def run_register(args: argparse.Namespace) -> int:
     import asyncio
     import json
 
-    from antenna_flows.registration import register_pipelines, summary
+    from antenna_flows.registration import register_with_projects
 
+    log_upstream_notes()
     client = settings_from_args(ClientSettings, args)
-    model_kind = args.model_kind or WorkerSettings().model_kind
-    answer = asyncio.run(register_pipelines(client.antenna_api_url, client.antenna_api_token, args.project,
-                                            service_name=args.service_name, slugs=args.pipeline,
-                                            model_kind=model_kind))
+    args.services = {"Antenna": client.antenna_api_url}
+    worker = WorkerSettings(antenna_api_url=client.antenna_api_url, antenna_api_token=client.antenna_api_token)
+    model_kind = args.model_kind or worker.model_kind
+    slugs = list(dict.fromkeys([*(args.pipeline_list or []),
+                                *[p.strip() for p in (args.pipelines or "").split(",") if p.strip()]])) or None
+    report = asyncio.run(register_with_projects(
+        client.antenna_api_url, client.antenna_api_token, args.project, args.service_name or worker.antenna_service_name,
+        slugs, model_kind=model_kind, weights_dir=worker.weights_dir, allow_download=worker.allow_weight_download))
     if args.json_answer:
-        print(json.dumps(answer, indent=2))
+        print(json.dumps({str(o.project_id): o.answer if o.answer is not None else {"status": o.status, "detail": o.detail}
+                          for o in report.outcomes}, indent=2))
     else:
-        print(f"project {args.project}, model kind {model_kind}:")
-        print(summary(answer, args.pipeline))
-    return 0
+        print(report.text())
+    return 0 if report.ok else 1
 
 
 # --- the command ----------------------------------------------------------------------------------------
@@ -244,14 +334,23 @@ def _lab_missing(name: str) -> int:
     return 2
 
 
+class Parser(argparse.ArgumentParser):
+    """No abbreviated options: ``--pipeline`` must never be read as ``--pipelines`` (nor any option as
+    another that starts with it), in every subcommand, the lab's included."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs["allow_abbrev"] = False
+        super().__init__(*args, **kwargs)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="antenna-flows",
         description="Fair GPU workers for the AMI Antenna platform (worker, register), and, with the lab "
         "installed, a local Antenna to run them against (demo, devstack, submit, jobs, bench, compare, faults).",
     )
     parser.add_argument("--log-level", default="INFO", help="Logging level (default INFO).")
-    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=Parser)
     for add in SUBCOMMANDS:
         add(subparsers)
     add_plugin_commands(subparsers)
@@ -265,29 +364,49 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def run_command(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> int:
     """Parse, set up logging, run the subcommand; errors a user can act on become one line and exit 1."""
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
+    args.argv = argv  # a command that starts copies of itself (worker --devices) reuses it
     logging.basicConfig(level=args.log_level.upper(), format=LOG_FORMAT)
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request drowns everything else
     try:
         return args.func(args)
     except ValidationError as exc:
         parser.error(f"invalid settings: {_validation_summary(exc)}")
+    except DeviceSpecError as exc:
+        parser.error(str(exc))
     except AntennaError as exc:
-        if exc.status is None and isinstance(exc.__cause__, httpx.TransportError):
-            print(f"error: cannot reach the API ({exc}); is `antenna-flows devstack` running?", file=sys.stderr)
+        cause = transport_cause(exc)
+        if exc.status is None and cause is not None:
+            print(f"error: {cannot_reach(cause, _services(args))}", file=sys.stderr)
         else:
             print(f"error: {exc}", file=sys.stderr)
     except httpx.TransportError as exc:
-        print(f"error: cannot reach the API ({exc}); is `antenna-flows devstack` running?", file=sys.stderr)
+        print(f"error: {cannot_reach(exc, _services(args))}", file=sys.stderr)
     except FileNotFoundError as exc:  # missing weights or label maps: the message says how to get them
         print(f"error: {exc}", file=sys.stderr)
     except (RegistrationFailed, FatalWorkerError) as exc:
         print(f"error: {exc}", file=sys.stderr)
+    except Exception as exc:
+        if not is_nats_unreachable(exc):
+            raise
+        print(f"error: cannot reach NATS at {_services(args).get('NATS')} ({type(exc).__name__}: {exc})", file=sys.stderr)
     return 1
 
 
+def _services(args: argparse.Namespace) -> dict[str, str | None]:
+    """The services a command was aimed at (set by the command), else the Antenna URL it was given."""
+    services = dict(getattr(args, "services", None) or {})
+    services.setdefault("Antenna", getattr(args, "antenna_api_url", None))
+    return services
+
+
 def _validation_summary(exc: ValidationError) -> str:
-    return "; ".join(f"--{'.'.join(map(str, e['loc'])).replace('_', '-')}: {e['msg']}" for e in exc.errors())
+    return "; ".join(
+        f"--{'.'.join(map(str, e['loc'])).replace('_', '-')}: {e['msg'].removeprefix('Value error, ')}"
+        if e["loc"] else e["msg"].removeprefix("Value error, ")
+        for e in exc.errors()
+    )
 
 
 if __name__ == "__main__":

@@ -11,30 +11,50 @@ its model kind declares before it posts results:
   each classification's scores against the category map registered here, so the label maps
   must be present (or downloadable): a missing one is a ``MissingWeights`` error, not a
   registration with empty classes.
-- ``sim``: the simulated detector and classifier, for every registry pipeline (a staging
-  fleet running ``sim`` against a real Antenna).
+- ``sim``: pipelines of its own, ``sim-<slug>`` named "Simulated (...)", with the simulated
+  detector and classifier (a category map of one label: Antenna refuses a classification
+  algorithm without one). Nothing sim declares touches a real pipeline: Antenna finds an
+  existing pipeline by slug or by (name, version), and sim algorithms on a real pipeline
+  (beside its real detector) would make it refuse every save.
 
-``category_maps=False`` declares the algorithms by name and key only (the local devstack's
+``category_maps=False`` declares the ami algorithms by name and key only (the local devstack's
 pre-registration, which needs no label files). Sent with :class:`AntennaClient`.
+
+As upstream (``ami worker register``), the service is named ``"{name} ({hostname})"`` and,
+with no project named, registers with every project the token can see (``GET /projects/``):
+:func:`register_with_projects`. A project that refuses the token (403) is skipped when it was
+only listed, a failure when it was named.
 """
 
 from __future__ import annotations
 
+import logging
 import socket
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from antenna_flows.antenna_client import AntennaClient, AntennaError
-from antenna_flows.models.registry import ClassifierSpec, DetectorSpec, PipelineSpec, get_pipeline, pipeline_slugs
+import httpx
+
+from antenna_flows.antenna_client import AntennaClient, AntennaError, AuthError
+from antenna_flows.models.registry import (
+    ClassifierSpec,
+    DetectorSpec,
+    PipelineSpec,
+    get_pipeline,
+    pipeline_slugs,
+    sim_pipeline_name,
+    sim_slug,
+)
 from antenna_flows.models.weights import load_label_map, resolve
 from antenna_flows.schemas import (
     AlgorithmCategoryMapResponse,
     AlgorithmConfigResponse,
     PipelineConfigResponse,
 )
-from antenna_flows.settings import WorkerSettings
+from antenna_flows.settings import DEFAULT_SERVICE_NAME, WorkerSettings
 
-DEFAULT_SERVICE_NAME = "antenna-flows"
+log = logging.getLogger(__name__)
 TIMEOUT_S = 60.0
 MODEL_KINDS = ("sim", "ami")
 ModelKind = Literal["sim", "ami"]
@@ -87,20 +107,30 @@ def pipeline_config(
 
 
 def sim_algorithms() -> list[AlgorithmConfigResponse]:
-    """What the ``sim`` model's results name (``antenna_flows.models.sim``)."""
-    from antenna_flows.models.sim import SIM_CLASSIFIER, SIM_DETECTOR
+    """What the ``sim`` model's results name (``antenna_flows.models.sim``), with the category maps
+    Antenna requires: an empty one for the detector (as upstream sends), one label for the classifier."""
+    from antenna_flows.models.sim import SIM_CLASSIFIER, SIM_DETECTOR, SIM_LABEL, SIM_TAXON_RANK
 
     return [
         AlgorithmConfigResponse(name=SIM_DETECTOR.name, key=SIM_DETECTOR.key, task_type="localization",
-                                description="Timed stand-in for the detector (antenna-flows sim model)."),
+                                description="Timed stand-in for the detector (antenna-flows sim model).",
+                                category_map=AlgorithmCategoryMapResponse(data=[], labels=[])),
         AlgorithmConfigResponse(name=SIM_CLASSIFIER.name, key=SIM_CLASSIFIER.key, task_type="classification",
-                                description="Timed stand-in for the classifiers (antenna-flows sim model)."),
+                                description="Timed stand-in for the classifiers (antenna-flows sim model).",
+                                category_map=AlgorithmCategoryMapResponse(
+                                    data=[{"index": 0, "label": SIM_LABEL, "taxon_rank": SIM_TAXON_RANK}],
+                                    labels=[SIM_LABEL])),
     ]
 
 
-def sim_pipeline_config(spec: PipelineSpec) -> PipelineConfigResponse:
+def sim_pipeline_config(slug: str) -> PipelineConfigResponse:
+    """The sim pipeline standing in for registry pipeline ``slug`` (``x`` or ``sim-x``): ``sim-x``."""
+    own = sim_slug(slug)
+    spec = get_pipeline(own.removeprefix("sim-"))
     return PipelineConfigResponse(
-        name=spec.name, slug=spec.slug, version=spec.version, description=spec.description, algorithms=sim_algorithms()
+        name=sim_pipeline_name(own), slug=own, version=spec.version,
+        description=f"antenna-flows sim model standing in for {spec.slug} (timed, no real inference).",
+        algorithms=sim_algorithms(),
     )
 
 
@@ -112,9 +142,11 @@ def declared_pipelines(
     allow_download: bool | None = None,
     category_maps: bool = True,
 ) -> list[PipelineConfigResponse]:
-    """The pipelines (default: every registry pipeline) with the algorithms ``model_kind`` declares."""
+    """The pipelines (default: every registry pipeline) with the algorithms ``model_kind`` declares.
+
+    For ``sim``: the ``sim-<slug>`` pipelines (``slugs`` may name them either way)."""
     if model_kind == "sim":
-        return [sim_pipeline_config(get_pipeline(slug)) for slug in (slugs or pipeline_slugs())]
+        return [sim_pipeline_config(slug) for slug in (slugs or pipeline_slugs())]
     if model_kind != "ami":
         raise ValueError(f"unknown model kind {model_kind!r}; known: {', '.join(MODEL_KINDS)}")
     if not category_maps:
@@ -159,6 +191,91 @@ async def register_pipelines(
             raise
         except AntennaError as exc:
             raise RegistrationFailed(f"registration with project {project_id} failed: {exc}", exc.status, exc.body) from exc
+
+
+@dataclass
+class ProjectOutcome:
+    """What registering with one project came to: ``registered``, ``skipped`` (a listed project
+    that does not let this token register) or ``failed``."""
+
+    project_id: int
+    name: str
+    status: Literal["registered", "skipped", "failed"]
+    detail: str
+    answer: dict[str, Any] | None = None
+
+
+@dataclass
+class RegistrationReport:
+    service_name: str
+    model_kind: str
+    pipelines: list[str]
+    outcomes: list[ProjectOutcome] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        """Registered somewhere, and failed nowhere."""
+        return any(o.status == "registered" for o in self.outcomes) and not any(o.status == "failed" for o in self.outcomes)
+
+    def text(self) -> str:
+        lines = [f"service {self.service_name!r}, model kind {self.model_kind}, pipelines {', '.join(self.pipelines)}"]
+        for o in self.outcomes:
+            lines.append(f"project {o.project_id} ({o.name}): {o.status}: {o.detail}")
+        counts = {s: sum(o.status == s for o in self.outcomes) for s in ("registered", "skipped", "failed")}
+        lines.append(", ".join(f"{n} {s}" for s, n in counts.items()))
+        return "\n".join(lines)
+
+
+async def register_with_projects(
+    api_url: str,
+    token: str,
+    projects: list[int] | None = None,
+    service_name: str | None = None,
+    slugs: list[str] | None = None,
+    *,
+    model_kind: ModelKind = "ami",
+    weights_dir: Path | None = None,
+    allow_download: bool | None = None,
+) -> RegistrationReport:
+    """Register the pipelines ``model_kind`` declares with each of ``projects``, or, when None or
+    empty, with every project the token can see (``GET /projects/``), as upstream does.
+
+    Raises :class:`RegistrationFailed` when the projects cannot be listed or none is visible;
+    per-project outcomes are in the report (``report.ok``: registered somewhere, failed nowhere).
+    """
+    configs = declared_pipelines(model_kind, slugs, weights_dir=weights_dir, allow_download=allow_download)
+    name = full_service_name(service_name)
+    report = RegistrationReport(name, model_kind, [c.slug for c in configs])
+    async with AntennaClient(api_url, token, timeout_s=TIMEOUT_S) as client:
+        named = bool(projects)
+        if named:
+            targets = [(int(pid), f"Project {pid}") for pid in dict.fromkeys(projects or [])]
+        else:
+            try:
+                listed = await client.list_projects()
+            except AntennaError as exc:
+                raise RegistrationFailed(f"cannot list the projects of this token: {exc}", exc.status, exc.body) from exc
+            targets = [(int(p["id"]), str(p.get("name") or f"Project {p['id']}")) for p in listed if "id" in p]
+            if not targets:
+                raise RegistrationFailed(f"the token sees no project at {api_url}: name one with --project")
+            log.info("registering with every project the token can see: %s", ", ".join(str(t[0]) for t in targets))
+        for project_id, project_name in targets:
+            try:
+                answer = await client.register_pipelines(project_id, name, configs)
+            except AuthError as exc:
+                status: Literal["skipped", "failed"] = "failed" if named or exc.status == 401 else "skipped"
+                why = "the token may not register pipelines here" if exc.status == 403 else "the token was refused"
+                report.outcomes.append(ProjectOutcome(project_id, project_name, status, f"{why} ({exc})"))
+                continue
+            except AntennaError as exc:
+                if exc.status is None and isinstance(exc.__cause__, httpx.TransportError):  # Antenna is unreachable
+                    raise RegistrationFailed(f"cannot reach Antenna at {api_url}: {exc}") from exc
+                report.outcomes.append(ProjectOutcome(project_id, project_name, "failed", str(exc)))
+                continue
+            report.outcomes.append(
+                ProjectOutcome(project_id, project_name, "registered", summary(answer, report.pipelines).replace("\n", "; "), answer)
+            )
+    return report
 
 
 def summary(answer: dict[str, Any], requested: list[str] | None = None) -> str:

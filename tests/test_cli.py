@@ -139,19 +139,107 @@ def test_register_prints_a_short_summary(capsys: pytest.CaptureFixture[str]) -> 
                      "--antenna-api-token", stack.token])
         out = capsys.readouterr().out
         assert code == 0
-        assert "pipelines created (2): moth_binary, panama_moths_2024" in out
+        assert "pipelines created (2): sim-moth_binary, sim-panama_moths_2024" in out
         assert "algorithms created (2): sim-detector, sim-classifier" in out
+        assert "1 registered, 0 skipped, 0 failed" in out
         assert len(out) < 1000
-        assert stack.store.algorithm_keys(3, "moth_binary") == {"sim-detector", "sim-classifier"}
-        assert main(["register", "--project", "3", "--model-kind", "sim", "--pipeline", "moth_binary",
+        assert stack.store.algorithm_keys(3, "sim-moth_binary") == {"sim-detector", "sim-classifier"}
+        assert stack.store.algorithm_keys(3, "moth_binary") == set()  # sim never touches a real pipeline
+        assert main(["register", "--project", "3", "--model-kind", "sim", "--pipelines", "moth_binary",
                      "--antenna-api-url", stack.api_url, "--antenna-api-token", stack.token]) == 0
-        assert "pipelines updated (1): moth_binary" in capsys.readouterr().out
+        assert "pipelines updated (1): sim-moth_binary" in capsys.readouterr().out
 
 
-def test_register_takes_the_model_kind_from_the_environment(capsys, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_register_takes_the_model_kind_and_service_name_from_the_environment(
+    capsys, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("AMI_MODEL_KIND", "sim")
+    monkeypatch.setenv("AMI_ANTENNA_SERVICE_NAME", "DRAC Worker")
     with DevStack(register_kinds=()) as stack:
         assert main(["register", "--project", "4", "--pipeline", "moth_binary", "--api-url", stack.api_url,
                      "--token", stack.token]) == 0
-        assert "model kind sim" in capsys.readouterr().out
-        assert stack.store.algorithm_keys(4, "moth_binary") == {"sim-detector", "sim-classifier"}
+        out = capsys.readouterr().out
+        assert "model kind sim" in out and "'DRAC Worker (" in out
+        assert stack.store.algorithm_keys(4, "sim-moth_binary") == {"sim-detector", "sim-classifier"}
+
+
+def test_register_with_no_project_registers_with_every_accessible_one(
+    stack_factory, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As upstream's `ami worker register`: the token's projects from GET /projects/, upstream's settings only."""
+    stack = stack_factory(register_kinds=())
+    stack.store.ensure_project(8, "Barro Colorado")
+    monkeypatch.setenv("AMI_ANTENNA_API_BASE_URL", stack.api_url)
+    monkeypatch.setenv("AMI_ANTENNA_API_AUTH_TOKEN", stack.token)
+    assert main(["register", "--model-kind", "sim", "--pipeline", "panama_moths_2024"]) == 0
+    out = capsys.readouterr().out
+    assert "project 1 (Default project): registered" in out and "project 8 (Barro Colorado): registered" in out
+    assert stack.store.algorithm_keys(8, "sim-panama_moths_2024") == {"sim-detector", "sim-classifier"}
+    assert main(["register", "--model-kind", "sim", "--token", "wrong"]) == 1
+    assert "401" in capsys.readouterr().err
+
+
+def test_no_option_is_abbreviated() -> None:
+    """argparse would read --pipeline as --pipelines (a prefix) and keep only the last one."""
+    parser = build_parser()
+    args = parser.parse_args(["worker", "--pipeline", "sim-a", "--pipeline", "sim-b", "--pipelines", "sim-c"])
+    assert args.pipeline_list == ["sim-a", "sim-b"] and args.pipelines == "sim-c"
+    for abbreviated in (["worker", "--pipelin", "x"], ["worker", "--model", "sim"], ["register", "--proj", "1"],
+                        ["jobs", "--api", "http://127.0.0.1:9/api/v2"]):
+        with pytest.raises(SystemExit):
+            parser.parse_args(abbreviated)
+
+
+def test_repeated_pipeline_serves_every_one(stack, capsys: pytest.CaptureFixture[str]) -> None:
+    """`worker --pipeline a --pipeline b` (upstream's habit) serves both, not only b."""
+    a = stack.create_job("sim-panama_moths_2024", 6, job_id=71)
+    b = stack.create_job("sim-moth_binary", 5, job_id=72)
+    code = main(["worker", "--orchestration", "plain", "--model-kind", "sim", "--pipeline", "sim-panama_moths_2024",
+                 "--pipeline", "sim-moth_binary", "--job-ids", f"{a.id},{b.id}", "--exit-when-done",
+                 "--antenna-api-url", stack.api_url, "--antenna-api-token", stack.token, "--nats-url", stack.nats_url,
+                 "--sim-seconds-per-image", "0.005", "--discovery-interval-s", "0.2", "--worker-name", "repeat"])
+    assert code == 0
+    for job_id, total in ((71, 6), (72, 5)):
+        job = stack.store.job(job_id)
+        assert (job.results, job.duplicates, job.total) == (total, 0, total)
+
+
+def test_worker_register_registers_before_serving_and_a_failure_stops_it(
+    stack_factory, capsys: pytest.CaptureFixture[str]
+) -> None:
+    stack = stack_factory(register_kinds=())
+    job = stack.create_job("sim-moth_binary", 4, job_id=73)
+    common = ["worker", "--orchestration", "plain", "--model-kind", "sim", "--pipelines", "sim-moth_binary",
+              "--antenna-api-url", stack.api_url, "--nats-url", stack.nats_url, "--register", "--project", "1"]
+    assert main([*common, "--antenna-api-token", "wrong"]) == 1
+    err = capsys.readouterr().err
+    assert "registration failed, not serving" in err and "401" in err
+    assert stack.store.job(73).results == 0
+    assert main([*common, "--antenna-api-token", stack.token, "--job-ids", str(job.id), "--exit-when-done",
+                 "--sim-seconds-per-image", "0.005", "--discovery-interval-s", "0.2"]) == 0
+    assert stack.store.algorithm_keys(1, "sim-moth_binary") == {"sim-detector", "sim-classifier"}
+    assert stack.store.job(73).results == 4
+
+
+def test_a_sim_worker_refuses_a_real_pipeline(stack, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["worker", "--orchestration", "plain", "--model-kind", "sim", "--pipelines", "panama_moths_2024",
+                 "--antenna-api-url", stack.api_url, "--antenna-api-token", stack.token,
+                 "--nats-url", stack.nats_url]) == 1
+    assert "did you mean sim-panama_moths_2024" in capsys.readouterr().err
+
+
+def test_cannot_reach_names_the_service_and_its_url(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    closed = "http://127.0.0.1:9"
+    assert main(["register", "--project", "1", "--model-kind", "sim", "--api-url", f"{closed}/api/v2"]) == 1
+    err = capsys.readouterr().err
+    assert f"cannot reach Antenna at {closed}/api/v2" in err and "antenna-flows devstack" in err
+
+    from antenna_flows.cli import cannot_reach
+
+    monkeypatch.setenv("PREFECT_API_URL", f"{closed}/api")
+    with pytest.raises(httpx.ConnectError) as refused:
+        httpx.get(f"{closed}/api/flow_runs/filter")
+    message = cannot_reach(refused.value, {"Antenna": "http://127.0.0.1:8000/api/v2", "NATS": None})
+    assert message.startswith(f"cannot reach the Prefect API at {closed}/api") and "--orchestration plain" in message

@@ -249,3 +249,33 @@ def get_pipeline(slug: str) -> PipelineSpec:
         return PIPELINES[slug]
     except KeyError:
         raise KeyError(f"unknown pipeline {slug!r}; known: {', '.join(PIPELINES)}") from None
+
+
+# --- the sim model's own pipelines --------------------------------------------------------------
+# The timed stand-in (models/sim.py) serves pipelines of its own, one per registry pipeline, never
+# a real one: Antenna refuses results naming algorithms a pipeline has not registered, and a
+# pipeline with two detection algorithms refuses every save, so sim algorithms declared on a real
+# pipeline would break it. Their names differ from the real ones too: Antenna's registration finds
+# an existing pipeline by slug *or* by (name, version).
+
+SIM_PREFIX = "sim-"
+
+
+def sim_slug(slug: str) -> str:
+    """``sim-<slug>`` for a registry slug (a sim slug is returned as it is); KeyError for an unknown one."""
+    real = slug.removeprefix(SIM_PREFIX)
+    get_pipeline(real)
+    return f"{SIM_PREFIX}{real}"
+
+
+def sim_pipeline_slugs() -> list[str]:
+    return [f"{SIM_PREFIX}{slug}" for slug in PIPELINES]
+
+
+def is_sim_slug(slug: str) -> bool:
+    return slug.startswith(SIM_PREFIX) and slug.removeprefix(SIM_PREFIX) in PIPELINES
+
+
+def sim_pipeline_name(slug: str) -> str:
+    """The display name of a sim pipeline: never the name of a real one."""
+    return f"Simulated ({get_pipeline(slug.removeprefix(SIM_PREFIX)).name})"

@@ -3,6 +3,12 @@
 It holds the inference slot for ``seconds_per_batch + n * seconds_per_image``
 (calibrated from a real GPU) and returns schema-valid results with one
 detection per image, so the API, accounting and benchmarks see real traffic.
+
+It serves pipelines of its own, ``sim-<slug>`` (``registry.sim_pipeline_slugs``), and
+refuses every real pipeline: its answers name the sim algorithms, which a real pipeline
+has not registered (Antenna would refuse every save and the tasks would be redelivered
+until dead-lettered). ``registration`` declares these pipelines and algorithms, with
+the category map Antenna requires of the sim classifier (:data:`SIM_LABEL`).
 """
 
 from __future__ import annotations
@@ -14,7 +20,7 @@ from dataclasses import dataclass
 from PIL import Image
 
 from antenna_flows.models.base import WARMUP_SIZE, ImageInput, ModelBase, UnknownPipeline
-from antenna_flows.models.registry import pipeline_slugs
+from antenna_flows.models.registry import is_sim_slug, sim_pipeline_slugs
 from antenna_flows.schemas import (
     AlgorithmReference,
     BoundingBox,
@@ -34,6 +40,8 @@ class SimFrame:
 
 SIM_DETECTOR = AlgorithmReference(name="Simulated detector", key="sim-detector")
 SIM_CLASSIFIER = AlgorithmReference(name="Simulated classifier", key="sim-classifier")
+SIM_LABEL = "Simulated moth"  # the sim classifier's one class: its category map is [SIM_LABEL]
+SIM_TAXON_RANK = "SPECIES"
 
 
 class SimModel(ModelBase):
@@ -44,11 +52,15 @@ class SimModel(ModelBase):
         self.seconds_per_batch = seconds_per_batch
 
     def pipelines(self) -> list[str]:
-        return pipeline_slugs()
+        return sim_pipeline_slugs()
 
     def load(self, pipeline: str) -> None:
-        if pipeline not in self.pipelines():
-            raise UnknownPipeline(pipeline)
+        if not is_sim_slug(pipeline):
+            hint = f" (did you mean sim-{pipeline}?)" if is_sim_slug(f"sim-{pipeline}") else ""
+            raise UnknownPipeline(
+                f"{pipeline}: the sim model serves only its own pipelines, sim-<slug>{hint}; never a real pipeline, "
+                "whose saves would refuse the sim algorithms"
+            )
 
     def decode(self, data: bytes) -> "SimFrame | None":
         """Check a JPEG decodes, at 1/8 scale (DCT scaling: ~10x cheaper than a full decode).
@@ -91,7 +103,7 @@ class SimModel(ModelBase):
                 timestamp=now,
                 classifications=[
                     ClassificationResponse(
-                        classification="Simulated moth",
+                        classification=SIM_LABEL,
                         labels=None,
                         scores=[0.9],
                         logits=[2.2],
