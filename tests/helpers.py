@@ -1,10 +1,18 @@
-"""Small pieces several test modules share: a local HTTP server, a call-counting spy."""
+"""Small pieces several test modules share: a local HTTP server, a call-counting spy, and how the
+worker tests build, run and check workers against a local Antenna (fixtures are in conftest.py)."""
 
 from __future__ import annotations
 
+import asyncio
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Callable, Iterator
+from typing import Any, Awaitable, Callable, Iterator
+
+from antenna_flows.models.sim import SimModel
+from antenna_flows.settings import WorkerSettings
+from antenna_flows.worker import FairWorker
+from antenna_lab.antenna.admin import AntennaError, AsyncAntennaAdmin
 
 
 def serve_http(handler: type[BaseHTTPRequestHandler]) -> Iterator[str]:
@@ -29,3 +37,61 @@ class Spy:
     def __call__(self, arg: Any) -> Any:
         self.calls += 1
         return self.fn(arg)
+
+
+PIPELINE = "sim-panama_moths_2024"  # the sim model serves pipelines of its own
+
+
+def settings_for(stack: Any, **overrides: Any) -> WorkerSettings:
+    values: dict[str, Any] = dict(
+        antenna_api_url=stack.api_url,
+        antenna_api_token=stack.token,
+        nats_url=stack.nats_url,
+        model_kind="sim",
+        sim_seconds_per_image=0.005,
+        sim_seconds_per_batch=0.005,
+        worker_name="test-worker",
+        discovery_interval_s=0.2,
+        session_idle_s=0.5,
+        post_retry_delay_s=0.05,
+        release_delay_s=0.05,
+        max_batch_size=4,
+    )
+    values.update(overrides)
+    return WorkerSettings(**values)
+
+
+def worker_for(settings: WorkerSettings) -> FairWorker:
+    return FairWorker(settings, SimModel(settings.sim_seconds_per_image, settings.sim_seconds_per_batch))
+
+
+async def serve_until(workers: list[FairWorker], done: Callable[[], Awaitable[bool]], timeout: float = 30.0) -> list[Any]:
+    """Run workers until ``done()``; then stop them gracefully and return what each run returned."""
+    runs = [asyncio.create_task(w.run()) for w in workers]
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            if await done():
+                break
+            for run in runs:
+                if run.done():
+                    run.result()  # a worker that died raises here
+            await asyncio.sleep(0.05)
+        else:
+            raise AssertionError("condition not reached in time")
+    finally:
+        for w in workers:
+            w.stop("test done")
+        results = await asyncio.gather(*runs, return_exceptions=True)
+    return results
+
+
+def all_answered(aadmin: AsyncAntennaAdmin, *job_ids: int) -> Callable[[], Awaitable[bool]]:
+    async def check() -> bool:
+        try:
+            jobs = [await aadmin.job(j) for j in job_ids]
+        except AntennaError:  # an injected outage
+            return False
+        return all(j.results + j.errors >= j.total for j in jobs)
+
+    return check

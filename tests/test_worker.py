@@ -15,76 +15,10 @@ from typing import Any, Awaitable, Callable
 
 import pytest
 
-from antenna_lab.antenna.admin import AntennaError, AsyncAntennaAdmin
 from antenna_lab.antenna.streams import JobStreams
 from antenna_flows.jetstream import stream_name, subject_name
-from antenna_flows.models.sim import SimModel
-from antenna_flows.settings import WorkerSettings
-from antenna_flows.worker import FairWorker, FatalWorkerError
-
-PIPELINE = "panama_moths_2024"
-
-
-def settings_for(stack: Any, **overrides: Any) -> WorkerSettings:
-    values: dict[str, Any] = dict(
-        antenna_api_url=stack.api_url,
-        antenna_api_token=stack.token,
-        nats_url=stack.nats_url,
-        model_kind="sim",
-        sim_seconds_per_image=0.005,
-        sim_seconds_per_batch=0.005,
-        worker_name="test-worker",
-        discovery_interval_s=0.2,
-        session_idle_s=0.5,
-        post_retry_delay_s=0.05,
-        release_delay_s=0.05,
-        max_batch_size=4,
-    )
-    values.update(overrides)
-    return WorkerSettings(**values)
-
-
-def worker_for(settings: WorkerSettings) -> FairWorker:
-    return FairWorker(settings, SimModel(settings.sim_seconds_per_image, settings.sim_seconds_per_batch))
-
-
-async def serve_until(workers: list[FairWorker], done: Callable[[], Awaitable[bool]], timeout: float = 30.0) -> list[Any]:
-    """Run workers until ``done()``; then stop them gracefully and return what each run returned."""
-    runs = [asyncio.create_task(w.run()) for w in workers]
-    deadline = time.monotonic() + timeout
-    try:
-        while time.monotonic() < deadline:
-            if await done():
-                break
-            for run in runs:
-                if run.done():
-                    run.result()  # a worker that died raises here
-            await asyncio.sleep(0.05)
-        else:
-            raise AssertionError("condition not reached in time")
-    finally:
-        for w in workers:
-            w.stop("test done")
-        results = await asyncio.gather(*runs, return_exceptions=True)
-    return results
-
-
-@pytest.fixture
-async def aadmin(stack: Any):
-    async with AsyncAntennaAdmin(stack.api_url, stack.token) as client:
-        yield client
-
-
-def all_answered(aadmin: AsyncAntennaAdmin, *job_ids: int) -> Callable[[], Awaitable[bool]]:
-    async def check() -> bool:
-        try:
-            jobs = [await aadmin.job(j) for j in job_ids]
-        except AntennaError:  # an injected outage
-            return False
-        return all(j.results + j.errors >= j.total for j in jobs)
-
-    return check
-
+from antenna_flows.worker import FatalWorkerError
+from tests.helpers import PIPELINE, all_answered, serve_until, settings_for, worker_for
 
 async def test_interleaves_jobs_and_answers_every_image_once(stack, aadmin):
     big = stack.create_job(PIPELINE, 60, job_id=101)
@@ -220,7 +154,7 @@ async def test_cancelled_job_is_dropped_without_stopping_the_worker(stack, aadmi
         job = await aadmin.wait_final(other.id, timeout=20)
         assert job.status == "SUCCESS"
         await asyncio.sleep(0.5)
-        assert doomed.id not in worker.jobs
+        assert doomed.id not in worker.rotation
     finally:
         worker.stop()
         await run

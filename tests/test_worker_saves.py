@@ -11,7 +11,7 @@ import asyncio
 
 from antenna_flows.jetstream import JobQueue
 from antenna_lab.antenna.admin import AsyncAntennaAdmin
-from tests.test_worker import PIPELINE, all_answered, serve_until, settings_for, worker_for
+from tests.helpers import PIPELINE, all_answered, serve_until, settings_for, worker_for
 
 
 async def test_a_failed_save_is_answered_again_saved_and_nothing_is_lost(stack_factory):

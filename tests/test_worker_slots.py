@@ -7,10 +7,8 @@ import threading
 from antenna_flows.models.sim import SimModel
 from antenna_flows.settings import WorkerSettings
 from antenna_flows.worker import FairWorker
-from antenna_flows.worker.base import JobInfo
-from antenna_flows.worker.reserver import busy_for_s
-from antenna_flows.worker.slot import RunningBatch
-from tests.test_worker import PIPELINE, aadmin, all_answered, serve_until, settings_for  # noqa: F401 - aadmin is a fixture
+from antenna_flows.worker.inference import RunningBatch
+from tests.helpers import PIPELINE, all_answered, serve_until, settings_for
 
 
 class CountingSim(SimModel):
@@ -46,12 +44,19 @@ async def test_two_slots_run_batches_at_once_and_answer_every_image_once(stack, 
 
 
 def test_the_reservation_budget_counts_slots():
+    from antenna_flows.accounting import BatchLog
+    from antenna_flows.worker.base import Pulse
+    from antenna_flows.worker.inference import Inference, InferencePolicy
+
     now = [100.0]
     worker = FairWorker(WorkerSettings(model_kind="sim", slots=2, sim_seconds_per_image=0.1, sim_seconds_per_batch=0.0),
                         SimModel(0.1, 0.0), clock=lambda: now[0])
-    worker.jobs[1] = JobInfo(1, PIPELINE, 0, 30.0, now[0])
-    assert worker.per_image_s() == 0.05  # images start twice as often with two slots
-    worker.running[0] = RunningBatch(PIPELINE, 8, started=now[0])
-    assert busy_for_s(worker) == 0.0  # one slot is free: the next batch can start now
-    worker.running[1] = RunningBatch(PIPELINE, 8, started=now[0] - 0.5)
-    assert abs(busy_for_s(worker) - 0.3) < 1e-9  # the soonest slot frees in 0.8 - 0.5 s
+    worker.rotation.join(1, PIPELINE, 0, 30.0)
+    assert worker.rotation.per_image_s() == 0.05  # images start twice as often with two slots
+    inference = Inference("t", worker.model, worker.store, worker.rotation, worker.scheduler, worker.ledger,
+                          BatchLog(None, "t"), InferencePolicy(slots=2), Pulse(), hand_over=None)  # type: ignore[arg-type]
+    inference.running[0] = RunningBatch(PIPELINE, 8, started=now[0])
+    assert inference.busy_for_s() == 0.0  # one slot is free: the next batch can start now
+    inference.running[1] = RunningBatch(PIPELINE, 8, started=now[0] - 0.5)
+    assert abs(inference.busy_for_s() - 0.3) < 1e-9  # the soonest slot frees in 0.8 - 0.5 s
+    inference.close()

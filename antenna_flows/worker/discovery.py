@@ -13,27 +13,32 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-from typing import TYPE_CHECKING, Awaitable, Callable, Iterator
+from dataclasses import dataclass
+from typing import Awaitable, Callable, Iterator
 
-from antenna_flows.antenna_client import AuthError, Rejected, Unavailable
+from antenna_flows.antenna_client import AntennaClient, AuthError, Rejected
 from antenna_flows.jetstream import StreamGone
-from antenna_flows.worker.base import JobInfo, wait_for
-from antenna_flows.worker.held import State
-
-if TYPE_CHECKING:
-    from antenna_flows.worker.core import FairWorker
+from antenna_flows.transport import Transport
+from antenna_flows.worker.base import OUTAGES, FatalWorkerError, Pulse, wait_for
+from antenna_flows.worker.held import TaskStore
+from antenna_flows.worker.rotation import Rotation
+from antenna_flows.worker.settle import Settler
 
 log = logging.getLogger(__name__)
 
 ADVISORY_FOLLOW_UPS_S = (0.05, 0.2, 0.5)  # polls after a stream-created advisory, until a job joins
 
 
-def on_new_stream(w: "FairWorker") -> Callable[[int], Awaitable[None]]:
-    async def callback(job_id: int) -> None:
-        log.debug("worker %s: stream job_%s created, polling jobs now", w.name, job_id)
-        w.discover_now.set()
+@dataclass
+class DiscoveryPolicy:
+    """What to serve and how often to look (from WorkerSettings)."""
 
-    return callback
+    served: set[str]  # pipeline slugs this worker can run (shared with the worker: pruned at model load)
+    job_ids: frozenset[int] = frozenset()
+    exit_when_done: bool = False
+    interval_s: float = 4.0
+    busy_interval_s: float = 1.0
+    idle_forget_s: float = 20.0
 
 
 def poll_waits(interval_s: float, rng: random.Random) -> Iterator[float]:
@@ -49,89 +54,102 @@ def poll_waits(interval_s: float, rng: random.Random) -> Iterator[float]:
         yield interval_s * rng.uniform(0.75, 1.25)
 
 
-async def loop(w: "FairWorker") -> None:
-    failures = 0
-    rng = random.Random()  # each process its own phase, as a real fleet's workers have
-    waits = poll_waits(w.settings.discovery_interval_s, rng)
-    while not w.stopping.is_set():
-        try:
-            await discover_once(w)
-            failures = 0
-            w.ready("discovery")
-        except AuthError as exc:
-            w.token_rejected(exc)
-            return
-        except (Unavailable, Rejected) as exc:
-            failures += 1
-            if failures in (1, 10) or failures % 60 == 0:
-                log.warning("worker %s: job discovery failed (%d in a row): %s; serving known jobs", w.name, failures, exc)
-        except Exception:  # noqa: BLE001 - discovery must outlive any one failure
-            log.exception("worker %s: job discovery crashed; retrying", w.name)
-        wait = next(waits)
-        if w.jobs and w.transport is not None and not w.transport.announces_jobs:
-            # Over REST only polls find new jobs: while busy, poll sooner (idle, the gentle interval holds).
-            wait = min(wait, w.settings.busy_discovery_interval_s * rng.uniform(0.75, 1.25))
-        if not await wait_for(w.discover_now, wait):
-            continue
-        # A stream was just created: its job is listed once Antenna has published its tasks.
-        for delay in ADVISORY_FOLLOW_UPS_S:
-            await asyncio.sleep(delay)
+class Discovery:
+    def __init__(self, name: str, client: AntennaClient, transport: Transport, rotation: Rotation,
+                 store: TaskStore, settler: Settler, policy: DiscoveryPolicy, pulse: Pulse, *,
+                 on_polled: Callable[[], None], on_done: Callable[[str], None],
+                 on_fatal: Callable[[BaseException], None], rng: random.Random | None = None):
+        self.name = name
+        self.client = client
+        self.transport = transport
+        self.rotation = rotation
+        self.store = store
+        self.settler = settler
+        self.policy = policy
+        self.pulse = pulse
+        self.on_polled = on_polled  # the first successful poll makes the worker ready
+        self.on_done = on_done  # exit_when_done: the named jobs are done
+        self.on_fatal = on_fatal
+        self.rng = rng or random.Random()  # each process its own phase, as a real fleet's workers have
+        self.warned_pipelines: set[str] = set()
+
+    def on_new_stream(self) -> Callable[[int], Awaitable[None]]:
+        async def callback(job_id: int) -> None:
+            log.debug("worker %s: stream job_%s created, polling jobs now", self.name, job_id)
+            self.pulse.discover.set()
+
+        return callback
+
+    async def run(self) -> None:
+        failures = 0
+        waits = poll_waits(self.policy.interval_s, self.rng)
+        while not self.pulse.stopping.is_set():
             try:
-                if await discover_once(w):
+                await self.poll()
+                failures = 0
+                self.on_polled()
+            except AuthError as exc:
+                self.on_fatal(FatalWorkerError(f"Antenna rejected the worker's token: {exc}"))
+                return
+            except (Rejected, *OUTAGES) as exc:
+                failures += 1
+                if failures in (1, 10) or failures % 60 == 0:
+                    log.warning("worker %s: job discovery failed (%d in a row): %s; serving known jobs",
+                                self.name, failures, exc)
+            wait = next(waits)
+            if len(self.rotation) and not self.transport.announces_jobs:
+                # Over REST only polls find new jobs: while busy, poll sooner (idle, the gentle interval holds).
+                wait = min(wait, self.policy.busy_interval_s * self.rng.uniform(0.75, 1.25))
+            if not await wait_for(self.pulse.discover, wait) or self.pulse.stopping.is_set():
+                continue
+            # A stream was just created: its job is listed once Antenna has published its tasks.
+            for delay in ADVISORY_FOLLOW_UPS_S:
+                await asyncio.sleep(delay)
+                try:
+                    if await self.poll():
+                        break
+                except (AuthError, Rejected, *OUTAGES):  # the regular poll reports failures
                     break
-            except Exception:  # noqa: BLE001 - the regular poll reports failures
-                break
 
-
-async def discover_once(w: "FairWorker") -> int:
-    """One poll of Antenna's incomplete jobs; returns how many joined the rotation."""
-    assert w.client is not None and w.transport is not None
-    wanted = set(w.settings.job_ids)
-    joined = 0
-    listed = await w.client.list_jobs(sorted(w.served))
-    now = w.clock()
-    for item in listed:
-        if wanted and item.id not in wanted:
-            continue
-        pipeline = item.pipeline_slug
-        if pipeline not in w.served:
-            if pipeline not in w.warned_pipelines:
-                w.warned_pipelines.add(str(pipeline))
-                log.warning("worker %s: job %s has pipeline %r this worker does not serve: left for others",
-                            w.name, item.id, pipeline)
-            continue
-        info = w.jobs.get(item.id)
-        if info is None:
+    async def poll(self) -> int:
+        """One poll of Antenna's incomplete jobs; returns how many joined the rotation."""
+        wanted = self.policy.job_ids
+        joined = 0
+        listed = await self.client.list_jobs(sorted(self.policy.served))
+        for item in listed:
+            if wanted and item.id not in wanted:
+                continue
+            pipeline = item.pipeline_slug
+            if pipeline not in self.policy.served:
+                if str(pipeline) not in self.warned_pipelines:
+                    self.warned_pipelines.add(str(pipeline))
+                    log.warning("worker %s: job %s has pipeline %r this worker does not serve: left for others",
+                                self.name, item.id, pipeline)
+                continue
+            if item.id in self.rotation:
+                self.rotation.listed(item.id, item.priority)
+                continue
             try:
-                ack_wait = await w.transport.ack_wait(item.id)
+                ack_wait = await self.transport.ack_wait(item.id)
             except StreamGone:
                 continue  # listed but no queue yet (CREATED/PENDING), or already gone
-            w.jobs[item.id] = JobInfo(item.id, pipeline, item.priority, ack_wait, now)
-            w.scheduler.add(item.id, pipeline, item.priority)
-            w.ledger.job(item.id, pipeline, item.priority)
+            self.rotation.join(item.id, pipeline, item.priority, ack_wait)
             log.info("worker %s: job %s (%s, priority %d, ack_wait %.0fs) joined the rotation",
-                     w.name, item.id, pipeline, item.priority, ack_wait)
-            w.wake_reserver.set()
+                     self.name, item.id, pipeline, item.priority, ack_wait)
+            self.pulse.reserve.set()
             joined += 1
-        else:
-            info.last_listed = now
-            if info.priority != item.priority:
-                info.priority = item.priority
-                w.scheduler.add(item.id, pipeline, item.priority)
-    waiting = w.store.waiting_counts()
-    for job_id, info in list(w.jobs.items()):
-        if now - info.last_listed > w.settings.idle_forget_s and not waiting.get(job_id):
-            await forget(w, job_id, "no longer listed as incomplete")
-    if wanted and w.settings.exit_when_done and not wanted & {item.id for item in listed} and not len(w.store):
-        w.stop(f"jobs {sorted(wanted)} are done")
-    return joined
+        now = self.rotation.clock()
+        waiting = self.store.waiting_counts()
+        for job_id, info in list(self.rotation.jobs.items()):
+            if now - info.last_listed > self.policy.idle_forget_s and not waiting.get(job_id):
+                await self.forget(job_id, "no longer listed as incomplete")
+        if wanted and self.policy.exit_when_done and not wanted & {i.id for i in listed} and not len(self.store):
+            self.on_done(f"jobs {sorted(wanted)} are done")
+        return joined
 
-
-async def forget(w: "FairWorker", job_id: int, why: str) -> None:
-    """The job left the rotation: its waiting tasks have nothing to be answered to."""
-    w.jobs.pop(job_id, None)
-    w.scheduler.remove(job_id)
-    assert w.settler is not None and w.transport is not None
-    if not await w.settler.settle(w.store.of_job(job_id, State.RESERVED, State.LOADING, State.READY), State.DROPPED, why):
-        log.info("worker %s: job %s left the rotation (%s)", w.name, job_id, why)
-    await w.transport.forget(job_id)
+    async def forget(self, job_id: int, why: str) -> None:
+        """The job left the rotation (not listed, or its stream vanished): drop what waits for it."""
+        self.rotation.leave(job_id)
+        if not await self.settler.drop_job(job_id, why):
+            log.info("worker %s: job %s left the rotation (%s)", self.name, job_id, why)
+        await self.transport.forget(job_id)

@@ -3,10 +3,13 @@
     reserved -> loading -> ready -> running -> posting -> settled
                                                           answered | released | dropped | terminated
 
-A task enters the store when it is reserved and leaves it when it is settled
-(:mod:`antenna_flows.worker.settle` is the only place that happens). Loops ask
-the store for tasks in a state; nothing keeps a task in a second container, so
-"where is this task and what happens to it next" has one answer.
+A task enters the store when it is reserved (:meth:`TaskStore.add`, in the
+state it starts in) and leaves it when it is settled (:meth:`TaskStore.settle`,
+called only from :mod:`antenna_flows.worker.settle`). States change only through
+:meth:`TaskStore.move`, which refuses a transition the diagram does not have.
+Parts ask the store for tasks in a state; nothing keeps a task in a second
+container, so "where is this task and what happens to it next" has one answer.
+Every change calls ``on_change`` (the worker wakes the parts waiting on tasks).
 
 An *answered* task is not acked by the worker: Antenna acks it after saving the
 result. The store remembers recent answers (bounded) so a redelivery, which
@@ -19,7 +22,7 @@ import asyncio
 import enum
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from antenna_flows.jetstream import Reservation
 from antenna_flows.schemas import PipelineResultsError, PipelineResultsResponse
@@ -54,6 +57,23 @@ class State(enum.Enum):
 
 SETTLED = frozenset({State.ANSWERED, State.RELEASED, State.DROPPED, State.TERMINATED})
 WAITING = (State.RESERVED, State.LOADING, State.READY)  # reserved, not started: released on stop
+HELD = (State.RESERVED, State.LOADING, State.READY, State.RUNNING, State.POSTING)  # kept alive with +WPI
+
+# The transitions a held task may make (settling, to any settled state, is TaskStore.settle's).
+# A re-answer of a redelivery enters as POSTING (its answer is kept), a malformed task naming its
+# image as READY (its error result is its answer), a refused answer replaced by an error result
+# stays POSTING.
+MOVES = {
+    State.RESERVED: {State.LOADING, State.READY},
+    State.LOADING: {State.READY},
+    State.READY: {State.RUNNING},
+    State.RUNNING: {State.POSTING},
+    State.POSTING: {State.POSTING},
+}
+
+
+class BadMove(AssertionError):
+    """A state change the diagram does not have: a bug in a part, never an input problem."""
 
 
 @dataclass(eq=False)
@@ -91,31 +111,50 @@ class HeldTask:
 class TaskStore:
     """Every held task by job, in reservation order, plus recent answers.
 
-    Pure bookkeeping: no I/O, no clock. Loops change states through :meth:`move`;
-    :mod:`settle` removes settled tasks with :meth:`remove`.
+    Pure bookkeeping: no I/O, no clock. Parts change states through :meth:`move`;
+    :mod:`settle` ends tasks with :meth:`settle`.
     """
 
-    def __init__(self, answers_kept: int = ANSWERS_KEPT, keys_kept: int = ANSWERED_KEYS_KEPT):
+    def __init__(self, answers_kept: int = ANSWERS_KEPT, keys_kept: int = ANSWERED_KEYS_KEPT,
+                 on_change: Callable[[], None] = lambda: None):
         self._jobs: dict[int, list[HeldTask]] = {}
         self._by_key: dict[tuple[int, str], HeldTask] = {}
         self.answers: OrderedDict[tuple[int, str], Result] = OrderedDict()
         self.answered_keys: OrderedDict[tuple[int, str], None] = OrderedDict()
         self.answers_kept = answers_kept
         self.keys_kept = keys_kept
+        self.on_change = on_change
 
-    def add(self, held: HeldTask) -> None:
+    def add(self, held: HeldTask, state: State = State.RESERVED) -> None:
+        """A task enters the store in the state it starts in."""
+        if state.settled:
+            raise BadMove(f"task {held.key} cannot enter the store settled ({state.value})")
+        held.state = state
         self._jobs.setdefault(held.job_id, []).append(held)
         if held.key is not None:
             self._by_key[held.key] = held
+        self.on_change()
 
     def find(self, key: tuple[int, str]) -> HeldTask | None:
         return self._by_key.get(key)
 
     def move(self, held: HeldTask, state: State) -> None:
-        assert not held.state.settled, f"task {held.key} already settled ({held.state.value})"
+        if state not in MOVES.get(held.state, ()):
+            raise BadMove(f"task {held.key}: {held.state.value} -> {state.value} is not a move a task makes")
         held.state = state
+        self.on_change()
 
-    def remove(self, held: HeldTask) -> None:
+    def settle(self, held: HeldTask, outcome: State) -> None:
+        """The task ends (``outcome`` settled): out of the store; an accepted answer is remembered."""
+        if not outcome.settled or held.state.settled:
+            raise BadMove(f"task {held.key}: {held.state.value} -> {outcome.value} is not an ending")
+        held.state = outcome
+        if outcome is State.ANSWERED:
+            self.remember_answer(held)
+        self._remove(held)
+        self.on_change()
+
+    def _remove(self, held: HeldTask) -> None:
         queue = self._jobs.get(held.job_id)
         if queue is not None:
             try:
@@ -178,6 +217,10 @@ class TaskStore:
         for held in taken:
             self.move(held, State.RUNNING)
         return taken
+
+    def held_count(self) -> int:
+        """Tasks still ours (any state): what +WPI keeps alive and a stop must settle."""
+        return len(self)
 
     def jobs(self) -> list[int]:
         return list(self._jobs)

@@ -1,4 +1,4 @@
-"""How a held task ends: the only place a task is handed back, dropped or terminated.
+"""How a held task ends: the only place a task leaves the worker, and the only place that decides how.
 
 Every task the worker reserves ends in exactly one of four ways (``held.State``):
 
@@ -14,14 +14,15 @@ Every task the worker reserves ends in exactly one of four ways (``held.State``)
 - **terminated**: Antenna accepts no answer for it (``term``): redelivering it
   could never end differently.
 
-:func:`post_outcome` is the whole policy for a result post, e.g. "a post that
-fails twice": the orchestrator retries outages with backoff (``post_retries``);
-when the retries are spent the tasks are *released*.
+What a result post's outcome means for its tasks is decided here too
+(:meth:`Settler.after_post`): accepted -> answered; an outage that outlived the
+orchestrator's retries -> released; 404 (the job is gone) -> dropped; a wrong
+token -> released and the worker stops; any other refusal (400) -> the poster
+posts the answers one by one (:meth:`Settler.after_single_post` ends each).
 """
 
 from __future__ import annotations
 
-import enum
 import logging
 import random
 from typing import Callable, Iterable
@@ -30,52 +31,35 @@ from antenna_flows.accounting import Ledger
 from antenna_flows.antenna_client import AuthError, Rejected
 from antenna_flows.schemas import PipelineResultsResponse
 from antenna_flows.transport import Transport
-from antenna_flows.worker.held import HeldTask, State, TaskStore
+from antenna_flows.worker.base import FatalWorkerError
+from antenna_flows.worker.held import WAITING, HeldTask, State, TaskStore
 
 log = logging.getLogger(__name__)
-
-
-class PostDecision(enum.Enum):
-    ANSWERED = "answered"
-    RELEASE = "release"  # outage outlived the retries: hand back
-    DROP = "drop"  # 404: the job is gone from Antenna
-    ISOLATE = "isolate"  # 400: find which results Antenna refuses, one by one
-    FATAL = "fatal"  # wrong token: hand back and stop the worker
-
-
-def post_outcome(error: BaseException | None) -> PostDecision:
-    """What a result post's final error (after the orchestrator's retries) means for its tasks."""
-    if error is None:
-        return PostDecision.ANSWERED
-    if isinstance(error, AuthError):
-        return PostDecision.FATAL
-    if isinstance(error, Rejected):
-        return PostDecision.DROP if error.status == 404 else PostDecision.ISOLATE
-    return PostDecision.RELEASE
 
 
 class Settler:
     """Applies an ending to held tasks: the transport call, the ledger line, out of the store."""
 
     def __init__(self, worker: str, store: TaskStore, ledger: Ledger, transport: Transport,
-                 release_delay_s: float, rng: random.Random | None = None):
+                 release_delay_s: float, on_fatal: Callable[[BaseException], None],
+                 rng: random.Random | None = None):
         self.worker = worker
         self.store = store
         self.ledger = ledger
         self.transport = transport
         self.release_delay_s = release_delay_s
+        self.on_fatal = on_fatal
         self.rng = rng or random.Random()
-        self.on_settled: Callable[[], None] = lambda: None
 
     def release_delay(self) -> float:
         """Jittered, so a fleet releasing at once does not re-reserve in lock-step."""
         return self.release_delay_s * self.rng.uniform(1.0, 2.0)
 
     async def settle(self, tasks: Iterable[HeldTask], outcome: State, why: str = "") -> int:
+        """End ``tasks`` (those not already settled) with ``outcome``; returns how many ended."""
         tasks = [h for h in tasks if not h.state.settled]
         if not tasks:
             return 0
-        assert outcome.settled, outcome
         per_job: dict[int, int] = {}
         for held in tasks:
             per_job[held.job_id] = per_job.get(held.job_id, 0) + 1
@@ -87,7 +71,6 @@ class Settler:
                 self.ledger.posted(held.job_id, int(ok), int(not ok))
                 if held.reanswer:
                     self.ledger.count(held.job_id, "reanswered")
-                self.store.remember_answer(held)
                 for r in held.reservations():  # Antenna gets a full ack_wait to save, then we let go
                     await self.transport.in_progress(r)
             elif outcome is State.RELEASED:
@@ -96,8 +79,7 @@ class Settler:
             elif outcome is State.TERMINATED:
                 for r in held.reservations():
                     await self.transport.term(r)
-            held.state = outcome
-            self.store.remove(held)
+            self.store.settle(held, outcome)
         for job_id, n in per_job.items():
             if outcome is not State.ANSWERED:
                 self.ledger.count(job_id, outcome.value, n)
@@ -107,5 +89,47 @@ class Settler:
                 log.warning("worker %s: job %s: released %d tasks (%s)", self.worker, job_id, n, why)
             elif outcome is State.TERMINATED:
                 log.error("worker %s: job %s: terminated %d tasks (%s)", self.worker, job_id, n, why)
-        self.on_settled()
         return len(tasks)
+
+    async def release_waiting(self, why: str) -> int:
+        """Hand back every task not started (stop, a failed part)."""
+        return await self.settle(list(self.store.all(*WAITING)), State.RELEASED, why)
+
+    async def drop_job(self, job_id: int, why: str) -> int:
+        """The job left the rotation: its waiting tasks have nothing to be answered to."""
+        return await self.settle(self.store.of_job(job_id, *WAITING), State.DROPPED, why)
+
+    async def after_post(self, job_id: int, tasks: list[HeldTask], error: BaseException | None) -> list[HeldTask]:
+        """End a post's tasks by its final error (after retries); returns those to post one by one (400)."""
+        if error is None:
+            await self.settle(tasks, State.ANSWERED)
+        elif isinstance(error, AuthError):
+            await self.settle(tasks, State.RELEASED, f"token rejected: {error}")
+            self.on_fatal(FatalWorkerError(f"Antenna rejected the worker's token: {error}"))
+        elif isinstance(error, Rejected) and error.status == 404:
+            await self.settle(tasks, State.DROPPED, "the job is gone from Antenna (404)")
+        elif isinstance(error, Rejected):
+            log.error("worker %s: job %s refused a post of %d answers: %s; posting them one by one",
+                      self.worker, job_id, len(tasks), error)
+            return tasks
+        else:
+            await self.settle(tasks, State.RELEASED, f"posting failed after retries: {error}")
+        return []
+
+    async def after_single_post(self, held: HeldTask, error: BaseException | None, last_attempt: bool) -> bool:
+        """End one answer posted on its own (isolating a refusal); True if it ended.
+
+        A refused answer that was the last attempt (its error-result replacement refused
+        too) means Antenna does not know the task: it is terminated, never redelivered.
+        """
+        if error is None:
+            await self.settle([held], State.ANSWERED)
+        elif isinstance(error, Rejected) and not isinstance(error, AuthError):
+            log.error("worker %s: job %s task %s (seq %s): refused: %s", self.worker, held.job_id,
+                      held.r.image_id, held.r.stream_seq, error)
+            if not last_attempt:
+                return False
+            await self.settle([held], State.TERMINATED, f"task at seq {held.r.stream_seq} is unknown to Antenna")
+        else:
+            await self.after_post(held.job_id, [held], error)
+        return True
