@@ -196,9 +196,12 @@ class FairWorker:
             resources.push_async_callback(loader.aclose)
             transport = self.given_transport
             if transport is None:
-                if s.transport == "rest":
+                path, why = s.transport_choice()
+                log.info("worker %s: reserving tasks over %s: %s", self.name, path.upper(), why)
+                if path == "rest":
                     transport = RestTransport(client, s.rest_ack_wait_s)
                 else:
+                    assert s.nats_url is not None  # transport_choice says nats only with a URL
                     transport = await NatsTransport.connect(s.nats_url, name=f"antenna-flows-worker {self.name}")
             resources.push_async_callback(transport.close)
             parts = self.parts = Parts(self, client, transport, loader)
