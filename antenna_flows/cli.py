@@ -41,7 +41,7 @@ from antenna_flows.settings import (
     env_names,
     upstream_notes,
 )
-from antenna_flows.unreachable import cannot_reach, is_nats_unreachable, transport_cause
+from antenna_flows.unreachable import ServiceUnreachable, cannot_reach, is_nats_unreachable, transport_cause
 from antenna_flows.worker import FatalWorkerError
 
 log = logging.getLogger("antenna_flows.cli")
@@ -385,7 +385,7 @@ def run_command(parser: argparse.ArgumentParser, argv: Sequence[str] | None = No
         print(f"error: {cannot_reach(exc, _services(args))}", file=sys.stderr)
     except FileNotFoundError as exc:  # missing weights or label maps: the message says how to get them
         print(f"error: {exc}", file=sys.stderr)
-    except (RegistrationFailed, FatalWorkerError) as exc:
+    except (RegistrationFailed, FatalWorkerError, ServiceUnreachable) as exc:
         print(f"error: {exc}", file=sys.stderr)
     except Exception as exc:
         if not is_nats_unreachable(exc):

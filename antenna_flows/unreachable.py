@@ -17,6 +17,15 @@ from pydantic import ValidationError
 from antenna_flows.settings import AntennaSettings, is_local_url
 
 
+class ServiceUnreachable(ConnectionError):
+    """A service a worker needs did not answer: ``service`` ("Antenna", "NATS", "Prefect API"), its
+    ``url`` and why. Raise it where the connection is given up on; the CLI prints one line of it."""
+
+    def __init__(self, service: str, url: str | None, why: str):
+        super().__init__(f"cannot reach {service} at {url} ({why})")
+        self.service, self.url, self.why = service, url, why
+
+
 def cannot_reach(exc: httpx.TransportError, services: dict[str, str | None]) -> str:
     """"cannot reach <service> at <URL> (<why>)": Antenna, the Prefect API, or the URL itself."""
     try:

@@ -243,3 +243,38 @@ def test_cannot_reach_names_the_service_and_its_url(
         httpx.get(f"{closed}/api/flow_runs/filter")
     message = cannot_reach(refused.value, {"Antenna": "http://127.0.0.1:8000/api/v2", "NATS": None})
     assert message.startswith(f"cannot reach the Prefect API at {closed}/api") and "--orchestration plain" in message
+
+
+def test_a_worker_given_only_upstream_settings_serves_over_rest(
+    stack, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An `ami worker` operator's environment, no NATS URL, no --transport: Antenna's REST API."""
+    for name in list(os.environ):
+        if name.upper().startswith("AMI_"):
+            monkeypatch.delenv(name)
+    monkeypatch.setenv("AMI_ANTENNA_API_BASE_URL", stack.api_url)
+    monkeypatch.setenv("AMI_ANTENNA_API_AUTH_TOKEN", stack.token)
+    monkeypatch.setenv("AMI_ANTENNA_API_BATCH_SIZE", "4")
+    monkeypatch.setenv("AMI_NUM_WORKERS", "2")
+    job = stack.create_job("sim-moth_binary", 9, job_id=74)
+    with caplog.at_level("INFO"):
+        assert main(["worker", "--orchestration", "plain", "--model-kind", "sim", "--pipeline", "sim-moth_binary",
+                     "--job-ids", str(job.id), "--exit-when-done", "--sim-seconds-per-image", "0.005",
+                     "--discovery-interval-s", "0.2", "--rest-ack-wait-s", "2"]) == 0
+    assert "AMI_NUM_WORKERS (upstream setting) is not read" in caplog.text
+    assert "no NATS URL configured" in caplog.text and "via rest" in caplog.text
+    done = stack.store.job(74)
+    assert (done.results, done.duplicates) == (9, 0)
+
+
+def test_service_unreachable_is_one_line(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    from antenna_flows import cli
+    from antenna_flows.unreachable import ServiceUnreachable
+
+    def worker_that_cannot_reach_nats(args):
+        raise ServiceUnreachable("NATS", "nats://10.0.0.9:4222", "no server answered within 10 s")
+
+    monkeypatch.setattr(cli, "run_worker_command", worker_that_cannot_reach_nats)
+    assert main(["worker", "--model-kind", "sim"]) == 1
+    assert capsys.readouterr().err.strip() == (
+        "error: cannot reach NATS at nats://10.0.0.9:4222 (no server answered within 10 s)")
