@@ -98,6 +98,7 @@ def _devstack_banner(stack: Any) -> str:
             f"  data     {stack.store.path}",
             f"  queue    ack_wait {q.nats_task_ttr:g}s, max_deliver {q.nats_max_deliver},"
             f" max_ack_pending {q.nats_max_ack_pending} (for new jobs)",
+            f"  costs    {_costs_line(stack.costs)}",
             "next:",
             f"  antenna-flows submit --api-url {stack.api_url} --images 20",
             f"  antenna-flows jobs --api-url {stack.api_url}",
@@ -105,6 +106,14 @@ def _devstack_banner(stack: Any) -> str:
             f"  workers elsewhere: {env}",
         ]
     )
+
+
+def _costs_line(costs: Any) -> str:
+    if costs is None:
+        return "none (requests and saves are free; --antenna-costs FILE to charge what Antenna charges)"
+    r = costs.request_s
+    return (f"{costs.web_workers} web workers (jobs {r.jobs:g}s, tasks {r.tasks:g}s, result {r.result:g}s"
+            f" + {r.result_per_item:g}s/result), {costs.save_workers} save workers at {costs.save_s_per_result:g}s/result")
 
 
 # --- submit -----------------------------------------------------------------------------------------

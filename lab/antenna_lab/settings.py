@@ -48,6 +48,12 @@ class ApiSettings(BaseSettings):
     api_max_body_bytes: int = Field(
         32 * 1024 * 1024, ge=1024, description="Largest request body the local API accepts (413 above)."
     )
+    antenna_costs: Path | None = Field(
+        None,
+        description="JSON file with what requests and saves cost, as a scenario's `antenna` section (or a scenario "
+        "that has one): web_workers, request_s {jobs, tasks, result, result_per_item}, save_workers, "
+        "save_s_per_result. Unset: requests and saves cost nothing.",
+    )
 
 
 class DrainSettings(BaseSettings):

@@ -20,15 +20,15 @@ from antenna_flows.jetstream import parse_ack_subject, stream_name
 from antenna_lab.antenna.streams import JobStreams
 from antenna_flows.schemas import PipelineResultsResponse, TaskResult
 
-from lab.tests.test_api_contract import PIPELINE, error, post_results, reserve, success
+from lab.tests.test_api_contract import PIPELINE, REAL_PIPELINE, error, post_results, reserve, success
 
 FAST = dict(ack_wait_s=1.0, max_deliver=3)
 AMI_KEYS = ("fasterrcnn_for_ami_moth_traps_2023", "moth_nonmoth_classifier")
 
 
 def ami_success(task: dict[str, Any]) -> dict[str, Any]:
-    """A result naming the ami pipeline's algorithms (registered by a stack with the ami kind)."""
-    body = success(task)
+    """A result naming the ami pipeline's algorithms (registered by a stack with the ami kind) on the real pipeline."""
+    body = success(task, pipeline=REAL_PIPELINE)
     body["detections"][0]["algorithm"] = {"name": "FasterRCNN for AMI Moth Traps 2023", "key": AMI_KEYS[0]}
     body["detections"][0]["classifications"][0]["algorithm"] = {"name": "Moth / Non-Moth Classifier", "key": AMI_KEYS[1]}
     return body
@@ -103,9 +103,10 @@ async def test_unregistered_algorithm_is_refused_at_save_time_and_redelivered(st
     """A stack with only the ami algorithms registered refuses sim results (PipelineNotConfigured), never acks them."""
     stack = stack_factory(**FAST, register_kinds=("ami",))
     api = stack.admin.client
-    job = stack.create_job(PIPELINE, 1)
+    job = stack.create_job(REAL_PIPELINE, 1)
     [task] = reserve(api, job.id)
-    assert post_results(api, job.id, (task["reply_subject"], success(task))).status_code == 200  # sim keys
+    sim_keys = success(task, pipeline=REAL_PIPELINE)
+    assert post_results(api, job.id, (task["reply_subject"], sim_keys)).status_code == 200
     stack.wait_saved()
     assert stack.store.results(job.id) == [] and await ack_pending(nats_queue, job.id) == 1
 
@@ -258,3 +259,131 @@ async def test_results_for_no_image_of_the_job(stack_factory, nats_queue: JobStr
     stack.wait_saved()
     assert stack.store.results(job.id) == []
     assert await ack_pending(nats_queue, job.id) == 2  # the first still held; the second acked
+
+
+# --- what Antenna refuses (issue 18) --------------------------------------------------------------------------
+
+
+def _pipeline(slug: str, *algorithms: dict[str, Any]) -> dict[str, Any]:
+    return {"name": f"Pipeline {slug}", "slug": slug, "version": 1, "algorithms": list(algorithms)}
+
+
+SIM_DETECTOR = {"name": "Sim detector", "key": "sim-detector", "task_type": "localization"}
+ONE_LABEL = {"data": [{"index": 0, "label": "Moth"}], "labels": ["Moth"]}
+
+
+def test_a_classifier_without_category_map_is_refused_at_registration(stack: Any, api: httpx.Client) -> None:
+    """Antenna's ``get_or_create_algorithm_and_category_map``: 500 ``PipelineNotConfigured``, nothing stored
+    (one transaction: not even the request's other pipeline)."""
+    unmapped = {"name": "Cls", "key": "parity-cls", "task_type": "classification"}
+    body = {"processing_service_name": "svc (host)", "pipelines": [
+        _pipeline("parity_fine", SIM_DETECTOR), _pipeline("parity_unmapped", SIM_DETECTOR, unmapped)]}
+    refused = api.post("projects/1/pipelines/", json=body)
+    assert refused.status_code == 500 and refused.headers["content-type"].startswith("text/html")
+    assert "PipelineNotConfigured" in refused.text
+    assert "No valid category map found for algorithm &#x27;parity-cls&#x27; with task type &#x27;classification&#x27;" in refused.text
+    assert stack.store.pipeline_config(1, "parity_fine") is None and stack.store.algorithm_keys(1, "parity_unmapped") == set()
+
+    tagging = {"name": "Tags", "key": "parity-tags", "task_type": "tagging"}  # a classification type too
+    assert api.post("projects/1/pipelines/", json={**body, "pipelines": [_pipeline("p", tagging)]}).status_code == 500
+    # a detector needs no map; a classifier with one is registered, and from then on may be re-registered without
+    detector_only = {**body, "pipelines": [_pipeline("parity_fine", {**SIM_DETECTOR, "category_map": None})]}
+    assert api.post("projects/1/pipelines/", json=detector_only).status_code == 201
+    mapped = {**body, "pipelines": [_pipeline("parity_unmapped", SIM_DETECTOR, {**unmapped, "category_map": ONE_LABEL})]}
+    assert api.post("projects/1/pipelines/", json=mapped).status_code == 201
+    assert api.post("projects/1/pipelines/", json=body).status_code == 201
+    assert stack.store.algorithm_keys(1, "parity_unmapped") == {"sim-detector", "parity-cls"}
+
+
+async def test_a_pipeline_with_two_detection_algorithms_refuses_every_save(stack_factory, nats_queue: JobStreams) -> None:
+    """Antenna's ``save_results``: ``NotImplementedError("Multiple detection algorithms per pipeline are not
+    supported")``: the save fails, the task is not acked, NATS redelivers it. What a sim fleet declaring its
+    algorithms on a real pipeline would do to that pipeline."""
+    stack = stack_factory(**FAST, register_kinds=())
+    api = stack.admin.client
+    sim_classifier = {"name": "Sim classifier", "key": "sim-classifier", "task_type": "classification",
+                      "category_map": ONE_LABEL}
+    slug = "parity_two_detectors"
+    first = {"processing_service_name": "sim (host)", "pipelines": [_pipeline(slug, SIM_DETECTOR, sim_classifier)]}
+    assert api.post("projects/1/pipelines/", json=first).status_code == 201
+    job = stack.create_job(slug, 2)
+    a, b = reserve(api, job.id, 2)
+    assert post_results(api, job.id, (a["reply_subject"], success(a, pipeline=slug))).status_code == 200
+    stack.wait_saved()
+    assert [r.image_id for r in stack.store.results(job.id)] == [a["image_id"]]  # one detector: saved
+
+    real_detector = {"name": "Real detector", "key": "parity-real-detector", "task_type": "detection"}
+    second = {"processing_service_name": "ami (host)", "pipelines": [_pipeline(slug, real_detector)]}
+    assert api.post("projects/1/pipelines/", json=second).status_code == 201  # registration itself is fine
+    assert post_results(api, job.id, (b["reply_subject"], success(b, pipeline=slug))).status_code == 200
+    stack.wait_saved()
+    assert len(stack.store.results(job.id)) == 1 and await ack_pending(nats_queue, job.id) == 1  # refused, not acked
+    again = await redelivered(api, job.id, b["image_id"], FAST["ack_wait_s"] + 0.3)
+    assert post_results(api, job.id, (again["reply_subject"], success(again, pipeline=slug))).status_code == 200
+    stack.wait_saved()
+    assert len(stack.store.results(job.id)) == 1 and stack.antenna.plane.saves_failed == 2  # every save refused
+
+
+async def test_a_pipeline_without_a_detection_algorithm_refuses_saves(stack_factory) -> None:
+    """``ValueError("Pipeline does not have a detection algorithm")``: a pipeline nobody registered a detector for."""
+    stack = stack_factory(register_kinds=())
+    api = stack.admin.client
+    job = stack.create_job(PIPELINE, 1)
+    [task] = reserve(api, job.id)
+    assert post_results(api, job.id, (task["reply_subject"], success(task))).status_code == 200
+    stack.wait_saved()
+    assert stack.store.results(job.id) == [] and stack.antenna.plane.saves_failed == 1
+
+
+# --- liveness: the polls Antenna counts mark processing services seen -------------------------------------------
+
+
+def _service(api: httpx.Client, name: str) -> dict[str, Any]:
+    listing = api.get("ml/processing_services/", params={"project_id": 1}).json()
+    [row] = [s for s in listing["results"] if s["name"] == name]
+    assert set(row) >= {"id", "details", "name", "projects", "endpoint_url", "is_async", "pipelines", "last_seen",
+                        "last_seen_live"}
+    return row
+
+
+async def test_polls_mark_the_services_of_their_pipelines_seen_throttled(nats_server, tmp_path) -> None:
+    """Registration marks a service seen; then, as Antenna, ``GET /jobs/?ids_only=1&pipeline__slug__in=``,
+    ``/tasks`` and ``/result`` mark the services of those pipelines seen, at most once per throttle window
+    (30 s in Antenna, 0.4 s here); a service not seen within the online window (60 s, 1 s here) is not live."""
+    from antenna_lab.antenna.devstack import DevStack
+    from antenna_lab.settings import ApiSettings, QueueSettings
+
+    stack = DevStack(QueueSettings(nats_task_ttr=5.0), ApiSettings(api_port=0, data_dir=tmp_path), nats_url=nats_server.url,
+                     register_kinds=("sim",), heartbeat_throttle_s=0.4, online_window_s=1.0, housekeeping_interval_s=0.2)
+    with stack, httpx.Client(base_url=stack.api_url + "/", headers={"Authorization": f"Token {stack.token}"}) as api:
+        sim_classifier = {"name": "Sim classifier", "key": "sim-classifier", "task_type": "classification",
+                          "category_map": ONE_LABEL}
+        body = {"processing_service_name": "worker (gpu-1)", "pipelines": [_pipeline(PIPELINE, SIM_DETECTOR, sim_classifier)]}
+        assert api.post("projects/1/pipelines/", json=body).status_code == 201
+        registered = _service(api, "worker (gpu-1)")
+        assert registered["last_seen_live"] is True and registered["is_async"] and registered["endpoint_url"] is None
+        assert [p["slug"] for p in registered["pipelines"]] == [PIPELINE] and registered["projects"] == [1]
+        await asyncio.sleep(1.1)
+        assert _service(api, "worker (gpu-1)")["last_seen_live"] is False  # silent past the online window
+
+        async with AntennaClient(stack.api_url, stack.token) as worker:
+            await worker.list_jobs(["moth_binary"])  # a poll for other pipelines says nothing of this service
+            assert _service(api, "worker (gpu-1)")["last_seen_live"] is False
+            await worker.list_jobs([PIPELINE, "moth_binary"])
+            polled = _service(api, "worker (gpu-1)")
+            assert polled["last_seen_live"] is True and polled["last_seen"] > registered["last_seen"]
+            await worker.list_jobs([PIPELINE, "moth_binary"])  # within the throttle window: not written again
+            assert _service(api, "worker (gpu-1)")["last_seen"] == polled["last_seen"]
+
+        api.get("jobs/", params={"pipeline__slug__in": PIPELINE})  # a plain listing is no worker's poll
+        assert _service(api, "worker (gpu-1)")["last_seen"] == polled["last_seen"]
+        job = stack.create_job(PIPELINE, 1)
+        await asyncio.sleep(0.5)
+        [task] = reserve(api, job.id)  # /tasks: the job's (pipeline, project)
+        tasked = _service(api, "worker (gpu-1)")["last_seen"]
+        assert tasked > polled["last_seen"]
+        await asyncio.sleep(0.5)
+        assert post_results(api, job.id, (task["reply_subject"], success(task))).status_code == 200  # /result
+        assert _service(api, "worker (gpu-1)")["last_seen"] > tasked
+        one = api.get(f"ml/processing_services/{registered['id']}/").json()
+        assert one["name"] == "worker (gpu-1)" and one["last_seen_live"] is True

@@ -21,9 +21,13 @@ from antenna_flows.antenna_client import AntennaClient, Rejected
 from antenna_lab.antenna.admin import AntennaError, AsyncAntennaAdmin
 from antenna_lab.antenna.devstack import DevStack
 from antenna_lab.antenna.streams import JobStreams
+from antenna_lab.bench.bench import job_pipeline
 from antenna_flows.jetstream import ADVISORY_STREAM, dlq_name, parse_ack_subject, stream_name
 
-PIPELINE = "panama_moths_2024"
+# The pipeline the tests' jobs run on: the one the sim model's results (``success``) belong to, as the
+# devstack pre-registers it (``sim-panama_moths_2024`` once sim declares pipelines of its own).
+REAL_PIPELINE = "panama_moths_2024"
+PIPELINE = job_pipeline(REAL_PIPELINE, "sim")
 FAST = dict(ack_wait_s=1.0, max_deliver=2)  # where a test must wait for a redelivery
 
 
@@ -39,12 +43,13 @@ def reserve(api: httpx.Client, job_id: int, batch_size: int = 1) -> list[dict[st
     return tasks_of(api.post(f"jobs/{job_id}/tasks/", json={"batch_size": batch_size}))
 
 
-def success(task: dict[str, Any]) -> dict[str, Any]:
-    """A schema-valid PipelineResultsResponse for one task (one detection, one classification)."""
+def success(task: dict[str, Any], pipeline: str = PIPELINE) -> dict[str, Any]:
+    """A schema-valid PipelineResultsResponse for one task (one detection, one classification), as the
+    sim model answers (its algorithms, its pipeline)."""
     now = "2026-01-01T00:00:00Z"
     algorithm = {"name": "Sim detector", "key": "sim-detector"}
     return {
-        "pipeline": PIPELINE,
+        "pipeline": pipeline,
         "algorithms": {},
         "total_time": 0.1,
         "source_images": [{"id": task["image_id"], "url": task["image_url"]}],

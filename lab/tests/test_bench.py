@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from antenna_lab.bench.bench import Scenario
+from antenna_lab.bench.bench import Scenario, job_pipeline
 from antenna_lab.bench.compare import small_job_latency, summarize
 from antenna_lab.bench.faults import FAULT_SCENARIOS, time_to_recover
 
@@ -34,10 +34,10 @@ REPORT_KEYS = {
     "scenario", "strategy", "workers", "startup_s", "makespan_s", "images_per_s", "ideal_makespan_s",
     "ideal_makespan_model_s", "redeliveries", "duplicate_results", "lost", "errors", "dead_lettered",
     "max_reserved_idle_s", "prefect", "api_requests", "worker_rss_mb", "worker_open_fds", "transport",
-    "drain_start_phase_s", "faults", "answers_per_s", "jobs",
+    "drain_start_phase_s", "faults", "answers_per_s", "jobs", "saved_makespan_s", "antenna",
 }
 JOB_KEYS = {"id", "images", "results", "errors", "dead_lettered", "submitted_s", "first_result_s", "completed_s",
-            "redelivered", "duplicates"}
+            "redelivered", "duplicates", "saved_s", "max_redelivered"}
 
 
 def run_cli_bench(tmp_path: Path, scenario: dict, *args: str) -> dict:
@@ -116,6 +116,35 @@ def test_drain_baseline_starts_inside_its_idle_sleep_and_uses_rest(tmp_path: Pat
     assert (job["results"], job["errors"]) == (28, 2) and report["lost"] == 0
     # the first poll comes after the rest of the sleep the earliest worker was in, not a full 5 s
     assert job["first_result_s"] < 5.0 - max(phases) + 2.0
+
+
+@pytest.mark.slow
+def test_antenna_costs_make_saves_lag_answers_and_are_reported(tmp_path: Path) -> None:
+    """A scenario with an ``antenna`` section: saves take time on one FIFO queue, so a job is saved
+    (``saved_s``) after it is answered (``completed_s``); the report says what the cost model did.
+    Drain workers (the baseline, which the cost model does not change) against a save worker slower than
+    they answer; without the section the same run reports saved_s == completed_s and no figures."""
+    costs = {"web_workers": 2, "request_s": {"jobs": 0.02, "tasks": 0.02, "result": 0.02, "result_per_item": 0.002},
+             "save_workers": 1, "save_s_per_result": 0.04}
+    scenario = {**DRAIN_SCENARIO, "name": "tiny-costs", "antenna": costs,
+                "jobs": [{"id": 1, "images": 40, "pipeline": "panama_moths_2024", "submit_at_s": 0.0},
+                         {"id": 2, "images": 4, "pipeline": "panama_moths_2024", "submit_at_s": 0.5}]}
+    report = run_cli_bench(tmp_path, scenario, "--strategy", "drain", "--orchestration", "plain")
+    assert report["lost"] == 0 and [j["pipeline"] for j in report["jobs"]] == [job_pipeline("panama_moths_2024", "sim")] * 2
+    for job in report["jobs"]:
+        assert job["saved_s"] >= job["completed_s"] > job["submitted_s"]
+        assert job["save_delay_mean_s"] > 0 and "_save_delays" not in job
+    assert report["saved_makespan_s"] >= 44 * 0.04 * 0.9  # 44 saves one at a time
+    antenna = report["antenna"]
+    assert antenna["model"] == Scenario.model_validate(scenario).antenna.model_dump()
+    assert antenna["saves_done"] >= 44 and antenna["save_queue_peak"] >= 2
+    assert antenna["save_delay_s"]["n"] >= 44 and set(antenna["save_delay_by_job_images"]) == {"40", "4"}
+    assert antenna["web"]["tasks"]["requests"] >= report["api_requests"]["tasks"] > 0
+
+    plain = run_cli_bench(tmp_path, {**scenario, "name": "tiny-free", "antenna": None}, "--strategy", "drain",
+                          "--orchestration", "plain")
+    assert plain["antenna"] is None and plain["saved_makespan_s"] == plain["makespan_s"]
+    assert all(j["saved_s"] == j["completed_s"] for j in plain["jobs"])
 
 
 @pytest.mark.slow

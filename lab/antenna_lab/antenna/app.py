@@ -23,9 +23,12 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import html
 import logging
+import math
 import time
 from contextlib import asynccontextmanager
+from contextvars import ContextVar
 from typing import Any, AsyncIterator
 
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request, Response
@@ -44,9 +47,10 @@ from antenna_lab.antenna.drf import (
     parse_json,
     validate,
 )
+from antenna_lab.antenna.costs import AntennaCosts, WebWorkers
 from antenna_lab.antenna.jobplane import SAVE_WORKERS, JobPlane, NatsUnavailable
 from antenna_lab.antenna.models import Job, JobCreate
-from antenna_lab.antenna.store import Store
+from antenna_lab.antenna.store import PipelineNotConfigured, Store
 from antenna_lab.antenna.demo_images import DemoImages, valid_size
 from antenna_flows.jetstream import QueueConfig
 from antenna_flows.schemas import (
@@ -70,15 +74,23 @@ MAX_BODY_BYTES = 32 * 1024 * 1024
 BODY_METHODS = ("POST", "PUT", "PATCH")
 ADMIN_USER_AGENT_PREFIX = "antenna-flows-admin"  # requests from the admin clients: not counted as the workers'
 REQUEST_CLASSES = ("jobs", "tasks", "result", "other")
+HEARTBEAT_THROTTLE_S = 30.0  # Antenna's HEARTBEAT_THROTTLE_SECONDS (ami/jobs/tasks.py)
+ONLINE_WINDOW_S = 60.0  # Antenna's PROCESSING_SERVICE_LAST_SEEN_MAX (ami/ml/models/processing_service.py)
+_ON_WEB_WORKER: ContextVar[bool] = ContextVar("on_web_worker", default=False)  # a worker request holding a web worker
 
 
 class LocalAntenna:
     """What the app's handlers share (``app.state.antenna``): the job plane, the token, images, faults."""
 
-    def __init__(self, plane: JobPlane, token: str, max_body_bytes: int):
+    def __init__(self, plane: JobPlane, token: str, max_body_bytes: int, costs: AntennaCosts | None = None):
         self.plane = plane
         self.token = token
         self.max_body_bytes = max_body_bytes
+        self.costs = costs
+        self.web = WebWorkers(costs) if costs is not None else None  # None: requests cost nothing
+        self.heartbeat_throttle_s = HEARTBEAT_THROTTLE_S
+        self.online_window_s = ONLINE_WINDOW_S
+        self._heartbeats: dict[str, float] = {}  # throttle key -> when it last marked services seen
         self.images = DemoImages()
         self._api_down_until = 0.0
         self._slow_api_until = 0.0
@@ -122,6 +134,29 @@ class LocalAntenna:
             return
         self._requests[request_class(method, path)] += 1
 
+    def heartbeat(self, *, slugs: list[str] | None = None, project_id: int | None = None) -> None:
+        """Mark the processing services a worker's poll speaks for as seen, at most once per
+        ``heartbeat_throttle_s`` per throttle key, as Antenna's views do (``ami/jobs/views.py``
+        ``_mark_async_services_seen_for_pipelines`` keyed by the sorted slugs,
+        ``_mark_async_services_seen_for_project`` by project, ``_mark_pipeline_pull_services_seen``
+        by (pipeline, project))."""
+        if slugs is not None and project_id is not None:
+            key = f"pipeline:{','.join(slugs)}:project:{project_id}"
+        elif slugs is not None:
+            key = "list:pipelines:" + ",".join(sorted(slugs))
+        else:
+            key = f"list:project:{project_id}"
+        now = time.monotonic()
+        if now - self._heartbeats.get(key, -math.inf) < self.heartbeat_throttle_s:
+            return
+        self._heartbeats[key] = now
+        self.store.mark_services_seen(slugs=slugs, project_id=project_id)
+
+    async def charge_results(self, n: int) -> None:
+        """A result post's per-result cost, on the web worker the request holds (none for admin requests)."""
+        if self.web is not None and _ON_WEB_WORKER.get():
+            await self.web.charge(self.costs.request_s.result_per_item * n)  # type: ignore[union-attr]
+
     def request_counts(self) -> dict[str, int]:
         """Requests the workers made to ``/api/v2``: ``{"jobs", "tasks", "result", "other"}``."""
         return dict(self._requests)
@@ -154,15 +189,28 @@ def create_app(
     save_workers: int = SAVE_WORKERS,
     reap_dead_letters: bool = False,
     seed: int = 0,
+    costs: AntennaCosts | None = None,
+    heartbeat_throttle_s: float = HEARTBEAT_THROTTLE_S,
+    online_window_s: float = ONLINE_WINDOW_S,
 ) -> FastAPI:
     """The app; it connects to NATS and starts its save workers and housekeeping when its lifespan starts.
 
     ``reap_dead_letters``: turn tasks that exhausted ``max_deliver`` into error
     results marked ``dead_lettered`` (off, as in Antenna, where only a
     management command or the stale-job reaper does that later).
+    ``costs``: what requests and saves cost (:mod:`.costs`); its ``save_workers`` replaces
+    ``save_workers``. None: nothing is charged.
+    ``heartbeat_throttle_s``, ``online_window_s``: Antenna's liveness (30 s, 60 s), shorter in tests.
     """
-    plane = JobPlane(store, nats_url, queue_config, save_workers=save_workers, reap_dead_letters=reap_dead_letters, seed=seed)
-    antenna = LocalAntenna(plane, token, max_body_bytes)
+    if costs is not None:
+        save_workers = costs.save_workers
+    plane = JobPlane(
+        store, nats_url, queue_config, save_workers=save_workers, reap_dead_letters=reap_dead_letters, seed=seed,
+        save_s_per_result=costs.save_s_per_result if costs is not None else 0.0,
+    )
+    antenna = LocalAntenna(plane, token, max_body_bytes, costs)
+    antenna.heartbeat_throttle_s = heartbeat_throttle_s
+    antenna.online_window_s = online_window_s
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -209,9 +257,12 @@ class _Guard:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        web_class = None
         if scope["path"].startswith(API_PREFIX):
             user_agent = dict(scope["headers"]).get(b"user-agent", b"").decode("latin-1")
             self.antenna.count_request(scope["method"], scope["path"], user_agent)
+            if self.antenna.web is not None and not user_agent.startswith(ADMIN_USER_AGENT_PREFIX):
+                web_class = request_class(scope["method"], scope["path"])
             delay = self.antenna.api_delay_s
             if delay:
                 await asyncio.sleep(delay)
@@ -219,7 +270,7 @@ class _Guard:
             response = JSONResponse({"detail": "Service temporarily unavailable (injected fault)."}, 503)
             return await response(scope, receive, send)
         if scope["method"] not in BODY_METHODS:
-            return await self.app(scope, receive, send)
+            return await self._dispatch(scope, receive, send, web_class)
         limit = self.antenna.max_body_bytes
         headers = dict(scope["headers"])
         try:
@@ -248,7 +299,18 @@ class _Guard:
                 return {"type": "http.request", "body": body, "more_body": False}
             return await receive()
 
-        await self.app(scope, replay, send)
+        await self._dispatch(scope, replay, send, web_class)
+
+    async def _dispatch(self, scope: Scope, receive: Receive, send: Send, web_class: str | None) -> None:
+        """The request, on a web worker when requests cost something (a worker's, not an admin's)."""
+        if web_class is None or self.antenna.web is None:
+            return await self.app(scope, receive, send)
+        async with self.antenna.web.serve(web_class):
+            token = _ON_WEB_WORKER.set(True)
+            try:
+                await self.app(scope, receive, send)
+            finally:
+                _ON_WEB_WORKER.reset(token)
 
 
 def _too_large(size: int, limit: int) -> JSONResponse:
@@ -331,6 +393,12 @@ async def list_jobs(request: Request) -> dict[str, Any]:
     slugs = [s.strip() for s in q.get("pipeline__slug__in", "").split(",") if s.strip()]
     limit = _positive_int(q.get("limit"), 1 if ids_only else DEFAULT_PAGE_SIZE)
     offset = _positive_int(q.get("offset"), 0, allow_zero=True)
+    if ids_only:  # a worker's poll: its liveness (Antenna's JobViewSet.list)
+        project = _positive_int(q.get("project_id"), 0)
+        if slugs:
+            _antenna(request).heartbeat(slugs=slugs)
+        elif project:
+            _antenna(request).heartbeat(project_id=project)
     count, jobs = _antenna(request).store.list_jobs(
         pipelines=slugs or None,
         incomplete_only=_flag(q.get("incomplete_only")),
@@ -398,7 +466,9 @@ async def reserve_tasks(request: Request, job_id: int) -> dict[str, Any]:
     antenna = _antenna(request)
     body: TasksRequest = await _body(request, TasksRequest)
     job = _job_or_404(antenna, job_id)
-    tasks = await antenna.plane.reserve(job, body.batch_size)
+    tasks = await antenna.plane.reserve(
+        job, body.batch_size, seen=lambda: antenna.heartbeat(slugs=[job.pipeline_slug], project_id=job.project_id)
+    )
     return TasksResponse(tasks=tasks).model_dump(mode="json")
 
 
@@ -418,8 +488,10 @@ async def post_results(request: Request, job_id: int) -> dict[str, Any]:
     background save, which acks it after saving. Any ``reply_subject`` string is accepted."""
     antenna = _antenna(request)
     job = _job_or_404(antenna, job_id)
+    antenna.heartbeat(slugs=[job.pipeline_slug], project_id=job.project_id)
     body: _ResultsBody = await _body(request, _ResultsBody)
     results = _task_results(body)
+    await antenna.charge_results(len(results))
     response = await antenna.plane.accept_results(job, results)
     return response.model_dump(mode="json")
 
@@ -494,12 +566,17 @@ def _iso(unix_s: float) -> str:
 
 
 @api.post("/projects/{project_id:int}/pipelines/", status_code=201)
-async def register_pipelines(request: Request, project_id: int) -> dict[str, Any]:
+async def register_pipelines(request: Request, project_id: int) -> Any:
     """A processing service announces its pipelines and their algorithms (201, Antenna's answer shape)."""
     body: PipelineRegistrationRequest = await _body(request, PipelineRegistrationRequest)
-    outcome = _antenna(request).store.register(
-        project_id, body.processing_service_name, [p.model_dump(mode="json") for p in body.pipelines]
-    )
+    try:
+        outcome = _antenna(request).store.register(
+            project_id, body.processing_service_name, [p.model_dump(mode="json") for p in body.pipelines]
+        )
+    except PipelineNotConfigured as exc:
+        log.warning("project %s: registration by %s refused: PipelineNotConfigured: %s",
+                    project_id, body.processing_service_name, exc)
+        return _server_error(request, exc)
     log.info(
         "project %s: %s registered pipelines %s (%d algorithms created)",
         project_id, body.processing_service_name, outcome.pipelines_created + outcome.pipelines_updated,
@@ -511,6 +588,70 @@ async def register_pipelines(request: Request, project_id: int) -> dict[str, Any
         pipelines_created=outcome.pipelines_created,
         algorithms_created=outcome.algorithms_created,
     ).model_dump(mode="json")
+
+
+def _server_error(request: Request, exc: Exception) -> Response:
+    """An exception Antenna does not handle: Django's 500 page, as Antenna's ``DEBUG`` harness shows it
+    (the exception's name and message; production's page says only "Server Error")."""
+    title = html.escape(f"{type(exc).__name__} at {request.url.path}")
+    body = (f"<!DOCTYPE html><html><head><title>{title}</title></head><body><h1>{title}</h1>"
+            f'<pre class="exception_value">{html.escape(str(exc))}</pre></body></html>')
+    return Response(body, 500, media_type="text/html; charset=utf-8")
+
+
+# --- processing services (Antenna's /ml/processing_services/) -------------------------------------
+
+SERVICE_PAGE_SIZE = 10  # Antenna's REST_FRAMEWORK PAGE_SIZE
+
+
+def _service_row(request: Request, row: dict[str, Any]) -> dict[str, Any]:
+    """Antenna's ``ProcessingServiceSerializer`` (``ami/ml/serializers.py``): an async (pull-mode)
+    service, its pipelines, ``last_seen`` and ``last_seen_live``. Live: seen within the online window
+    (60 s: ``PROCESSING_SERVICE_LAST_SEEN_MAX``, which Antenna's periodic
+    ``check_processing_services_online`` enforces; here read at once)."""
+    antenna = _antenna(request)
+    seen = row["last_seen_at"]
+    pipelines = []
+    for slug in row["pipelines"]:
+        config = antenna.store.pipeline_config(row["project_id"], slug) or {}
+        pipelines.append({"slug": slug, "name": config.get("name", slug), "description": config.get("description") or "",
+                          "version": config.get("version", 1), "version_name": config.get("version_name") or ""})
+    created = row.get("created_at") or seen
+    return {
+        "id": row["id"],
+        "details": str(request.url_for("get_processing_service", service_id=row["id"])),
+        "name": row["name"],
+        "description": "",
+        "projects": [row["project_id"]],
+        "endpoint_url": None,
+        "is_async": True,
+        "pipelines": pipelines,
+        "created_at": _iso(created),
+        "updated_at": _iso(seen),
+        "last_seen": _iso(seen) if seen else None,
+        "last_seen_live": bool(seen) and time.time() - seen <= antenna.online_window_s,
+        "user_permissions": [],
+    }
+
+
+@api.get("/ml/processing_services/")
+async def list_processing_services(request: Request) -> dict[str, Any]:
+    q = request.query_params
+    limit = _positive_int(q.get("limit"), SERVICE_PAGE_SIZE)
+    offset = _positive_int(q.get("offset"), 0, allow_zero=True)
+    project = _positive_int(q.get("project_id"), 0)
+    rows = _antenna(request).store.processing_services(project or None)
+    next_url, previous_url = _page_links(request, len(rows), limit, offset)
+    return {"count": len(rows), "next": next_url, "previous": previous_url,
+            "results": [_service_row(request, r) for r in rows[offset:offset + limit]], "user_permissions": []}
+
+
+@api.get("/ml/processing_services/{service_id:int}/")
+async def get_processing_service(request: Request, service_id: int) -> dict[str, Any]:
+    row = next((r for r in _antenna(request).store.processing_services() if r["id"] == service_id), None)
+    if row is None:
+        raise HTTPException(404, NOT_FOUND)
+    return _service_row(request, row)
 
 
 def _flag(value: str | None) -> bool:

@@ -27,7 +27,14 @@ from typing import Any, Sequence
 import uvicorn
 
 from antenna_lab.antenna.admin import AntennaAdmin
-from antenna_lab.antenna.app import HOUSEKEEPING_INTERVAL_S, LocalAntenna, create_app
+from antenna_lab.antenna.app import (
+    HEARTBEAT_THROTTLE_S,
+    HOUSEKEEPING_INTERVAL_S,
+    ONLINE_WINDOW_S,
+    LocalAntenna,
+    create_app,
+)
+from antenna_lab.antenna.costs import AntennaCosts
 from antenna_lab.antenna.jobplane import SAVE_WORKERS
 from antenna_lab.antenna.models import Job
 from antenna_lab.antenna.store import Store
@@ -67,13 +74,20 @@ class DevStack:
         reap_dead_letters: bool = False,
         save_workers: int = SAVE_WORKERS,
         seed: int = 0,
+        costs: AntennaCosts | None = None,
+        heartbeat_throttle_s: float = HEARTBEAT_THROTTLE_S,
+        online_window_s: float = ONLINE_WINDOW_S,
     ):
         """``register_kinds``: model kinds whose algorithms are registered for every registry pipeline
         in ``register_projects`` when the stack starts (what an operator's ``antenna-flows register``
         does before starting workers; a result naming an unregistered algorithm is refused at save
         time and never acked). ``reap_dead_letters``: turn tasks that exhausted max_deliver into error
         results marked ``dead_lettered`` (off, as in Antenna; the bench and the demo turn it on).
-        ``save_workers``: concurrent background result saves; ``seed``: the save-fault RNG."""
+        ``save_workers``: concurrent background result saves; ``seed``: the save-fault RNG.
+        ``costs``: what requests and saves cost (:mod:`antenna_lab.antenna.costs`; default: the
+        file in ``api.antenna_costs``, else nothing is charged); its ``save_workers`` wins.
+        ``heartbeat_throttle_s``, ``online_window_s``: processing-service liveness as Antenna's (a poll
+        marks services seen at most every 30 s; a service seen within 60 s is live), shorter in tests."""
         self.queue_settings = queue or QueueSettings()
         self._temp_dir: Path | None = None
         if api is None:
@@ -88,6 +102,11 @@ class DevStack:
         self.reap_dead_letters = reap_dead_letters
         self.save_workers = save_workers
         self.seed = seed
+        if costs is None and api.antenna_costs is not None:
+            costs = AntennaCosts.load(api.antenna_costs)
+        self.costs = costs
+        self.heartbeat_throttle_s = heartbeat_throttle_s
+        self.online_window_s = online_window_s
         self.nats: EmbeddedNats | None = None
         self._store: Store | None = None
         self._server: uvicorn.Server | None = None
@@ -174,7 +193,8 @@ class DevStack:
         for kind in self.register_kinds:
             configs = [c.model_dump(mode="json") for c in declared_pipelines(kind, category_maps=False)]  # type: ignore[arg-type]
             for project_id in self.register_projects:
-                self.store.register(project_id, PREREGISTERED_SERVICE.format(kind=kind), configs)
+                self.store.register(project_id, PREREGISTERED_SERVICE.format(kind=kind), configs,
+                                    category_maps_assumed=True)
 
     def _start_nats(self) -> None:
         if self._external_nats:
@@ -193,6 +213,9 @@ class DevStack:
             save_workers=self.save_workers,
             reap_dead_letters=self.reap_dead_letters,
             seed=self.seed,
+            costs=self.costs,
+            heartbeat_throttle_s=self.heartbeat_throttle_s,
+            online_window_s=self.online_window_s,
         )
         self._app_state = app.state.antenna
         # proto=IPPROTO_TCP, or asyncio does not set TCP_NODELAY on accepted connections

@@ -34,7 +34,7 @@ import random
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import nats.errors
 from nats.aio.msg import Msg
@@ -108,6 +108,7 @@ class JobPlane:
         save_workers: int = SAVE_WORKERS,
         reap_dead_letters: bool = False,
         seed: int = 0,
+        save_s_per_result: float = 0.0,
     ):
         self.store = store
         self.nats_url = nats_url
@@ -129,6 +130,10 @@ class JobPlane:
         self._slow_saves_delay_s = 0.0
         self.saves_done = 0
         self.saves_failed = 0
+        self.save_s_per_result = max(0.0, save_s_per_result)  # what one save costs (the cost model)
+        self.save_queue_peak = 0  # results accepted and not yet saved, at most
+        self._answered: dict[int, dict[str, float]] = {}  # job -> image (or reply subject) -> first acceptance
+        self._save_delays: dict[int, list[float]] = {}  # job -> acceptance-to-save seconds of each stored save
 
     # --- fault controls (the bench's save_errors and slow_saves) -----------------------------
 
@@ -315,12 +320,19 @@ class JobPlane:
 
     # --- tasks ---------------------------------------------------------------------------
 
-    async def reserve(self, job: Job, batch_size: int) -> list[PipelineProcessingTask]:
-        """Antenna's ``/tasks``: one fetch of up to ``batch_size`` tasks, each with its reply subject."""
+    async def reserve(
+        self, job: Job, batch_size: int, seen: Callable[[], None] | None = None
+    ) -> list[PipelineProcessingTask]:
+        """Antenna's ``/tasks``: one fetch of up to ``batch_size`` tasks, each with its reply subject.
+
+        ``seen`` (the liveness heartbeat) is called where Antenna's view calls it: once the job is
+        known to be async and active, before the fetch."""
         if job.dispatch_mode != "async_api":
             raise BadRequest(["Only async_api jobs have fetchable tasks"])
         if not job.active:
             return []
+        if seen is not None:
+            seen()
         queue = self._queue()
         try:
             msgs = await queue.fetch(job.id, batch_size, timeout=FETCH_TIMEOUT_S)
@@ -376,8 +388,12 @@ class JobPlane:
             raise NatsUnavailable("the result queue is not running")
         now = time.monotonic()
         queued = [QueuedSave(job.id, r.reply_subject, r.result, uuid.uuid4().hex, now) for r in results]
+        answered = self._answered.setdefault(job.id, {})
+        wall = time.time()
         for item in queued:
             self._saves.put_nowait(item)
+            answered.setdefault(_answer_key(item), wall)
+        self.save_queue_peak = max(self.save_queue_peak, self.saves_pending)
         return ResultsResponse(
             job_id=job.id,
             results_queued=len(queued),
@@ -406,7 +422,13 @@ class JobPlane:
                 self._saves.task_done()
 
     async def _save_one(self, item: QueuedSave) -> None:
-        """Antenna's ``process_nats_pipeline_result``: save, then ack; any failure leaves the message unacked."""
+        """Antenna's ``process_nats_pipeline_result``: save, then ack; any failure leaves the message unacked.
+
+        With a cost model, a save (stored, refused or failed alike) holds its save worker
+        ``save_s_per_result`` first: the time Antenna's Celery spends on one result.
+        """
+        if self.save_s_per_result > 0:
+            await asyncio.sleep(self.save_s_per_result)
         now = time.monotonic()
         if now < self._slow_saves_until and self._slow_saves_delay_s > 0:
             # Latency, not throughput: a save lands delay_s after it was queued (a backlog of that age),
@@ -442,6 +464,7 @@ class JobPlane:
         )
         if outcome.duplicates:
             log.info("job %s: duplicate result for image %s", job.id, image_id)
+        self._save_delays.setdefault(job.id, []).append(time.monotonic() - item.queued_at)
         await self._ack(job.id, item.reply_subject, image_id)
         if outcome.completed:
             await self.finish(job.id)
@@ -480,8 +503,22 @@ class JobPlane:
         raise SaveFailed(f"the result names no image of job {job.id} (image ids {candidates[:5]})")
 
     def _check_algorithms(self, job: Job, result: PipelineResultsResponse) -> None:
-        """Antenna's ``PipelineNotConfigured``: every algorithm key must be registered for the job's pipeline."""
-        known = self.store.algorithm_keys(job.project_id, job.pipeline_slug)
+        """Antenna's ``save_results`` (``ami/ml/models/pipeline.py``), in its order: the result's pipeline
+        must have exactly one detection algorithm (none: ``ValueError``; two or more, e.g. a real
+        detector and a sim one declared on the same slug: ``NotImplementedError("Multiple detection
+        algorithms per pipeline are not supported")``), and every algorithm key the result names must
+        be registered for it (``PipelineNotConfigured``). Either way the save fails and is not acked.
+        The pipeline is the one the result names (``results.pipeline``, as Antenna), in the job's project."""
+        slug = result.pipeline
+        detectors = self.store.detection_algorithms(job.project_id, slug)
+        if len(detectors) != 1:
+            problem = ("ValueError: Pipeline does not have a detection algorithm" if not detectors else
+                       "NotImplementedError: Multiple detection algorithms per pipeline are not supported "
+                       f"(pipeline {slug!r} of project {job.project_id} has {', '.join(detectors)})")
+            first = (job.id, problem) not in self._refusals_logged
+            self._refusals_logged.add((job.id, problem))
+            raise SaveFailed(problem, logging.WARNING if first else logging.DEBUG)
+        known = self.store.algorithm_keys(job.project_id, slug)
         for detection in result.detections:
             problem = None
             if detection.algorithm.key not in known:
@@ -494,12 +531,27 @@ class JobPlane:
             if problem:
                 message = (
                     f"PipelineNotConfigured: {problem} The processing service must declare it in the /info "
-                    f"endpoint. Known algorithms for pipeline {job.pipeline_slug!r} of project {job.project_id}: "
+                    f"endpoint. Known algorithms for pipeline {slug!r} of project {job.project_id}: "
                     f"{sorted(known)}"
                 )
                 first = (job.id, problem) not in self._refusals_logged
                 self._refusals_logged.add((job.id, problem))
                 raise SaveFailed(message, logging.WARNING if first else logging.DEBUG)
+
+    # --- what the saves did (the bench's figures) ------------------------------------------------
+
+    def reset_save_stats(self) -> None:
+        """Forget the save queue's peak so far (the bench, at time zero)."""
+        self.save_queue_peak = self.saves_pending
+
+    def answered_at(self, job_id: int) -> dict[str, float]:
+        """Per image (its id; its reply subject when the result names none): when its first answer was
+        accepted (unix seconds). The time the worker delivered it, before any save."""
+        return dict(self._answered.get(job_id, {}))
+
+    def save_delays(self, job_id: int) -> list[float]:
+        """Seconds from acceptance to save, for each of the job's results stored (duplicates included)."""
+        return list(self._save_delays.get(job_id, []))
 
     # --- housekeeping ----------------------------------------------------------------------
 
@@ -565,6 +617,15 @@ class JobPlane:
         if new:
             log.warning("job %s: %d images exceeded max_deliver without a result: %s", job_id, len(new), ", ".join(new[:10]))
         return outcome.completed
+
+
+def _answer_key(item: QueuedSave) -> str:
+    """The image a queued result answers, as far as the result says (before any lookup)."""
+    result = item.result
+    if isinstance(result, PipelineResultsError):
+        return result.image_id or item.reply_subject
+    ids = [source.id for source in result.source_images] if isinstance(result, PipelineResultsResponse) else []
+    return ids[0] if ids else item.reply_subject
 
 
 def _num_delivered(reply_subject: str) -> int | None:

@@ -106,6 +106,7 @@ CREATE TABLE IF NOT EXISTS processing_services (
     project_id INTEGER NOT NULL,
     name TEXT NOT NULL,
     last_seen_at REAL NOT NULL,
+    created_at REAL,
     UNIQUE (project_id, name)
 );
 CREATE TABLE IF NOT EXISTS pipelines (
@@ -118,10 +119,18 @@ CREATE TABLE IF NOT EXISTS pipelines (
     registered_at REAL NOT NULL,
     PRIMARY KEY (project_id, slug)
 );
+CREATE TABLE IF NOT EXISTS service_pipelines (
+    service_id INTEGER NOT NULL REFERENCES processing_services (id),
+    project_id INTEGER NOT NULL,
+    slug TEXT NOT NULL,
+    PRIMARY KEY (service_id, project_id, slug)
+);
 CREATE TABLE IF NOT EXISTS algorithms (
     key TEXT PRIMARY KEY,
     name TEXT NOT NULL,
-    created_at REAL NOT NULL
+    created_at REAL NOT NULL,
+    task_type TEXT,
+    has_category_map INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS pipeline_algorithms (
     project_id INTEGER NOT NULL,
@@ -146,6 +155,15 @@ CREATE TABLE IF NOT EXISTS counters (
 DEFAULT_PROJECT_ID = 1
 DEFAULT_PROJECT_NAME = "Default project"
 FAILURE_THRESHOLD = 0.5  # Antenna: a job whose failed images exceed this fraction ends FAILURE
+
+
+# Antenna's Algorithm.detection_task_types and .classification_task_types (ami/ml/models/algorithm.py)
+DETECTION_TASK_TYPES = ("detection", "localization", "segmentation")
+CLASSIFICATION_TASK_TYPES = ("classification", "tagging")
+
+
+class PipelineNotConfigured(ValueError):
+    """Antenna's ``ami.ml.exceptions.PipelineNotConfigured``: a registration it refuses (nothing is stored)."""
 
 
 class Conflict(ValueError):
@@ -234,11 +252,18 @@ class Store:
 
     def _migrate(self) -> None:
         """Columns added since a database was created (a persistent devstack's ``var/``)."""
+        added = {
+            "jobs": {"dead_lettered": "INTEGER NOT NULL DEFAULT 0"},
+            "results": {"dead_lettered": "INTEGER NOT NULL DEFAULT 0"},
+            "algorithms": {"task_type": "TEXT", "has_category_map": "INTEGER NOT NULL DEFAULT 0"},
+            "processing_services": {"created_at": "REAL"},
+        }
         with self._lock:
-            for table in ("jobs", "results"):
+            for table, wanted in added.items():
                 columns = {r[1] for r in self._db.execute(f"PRAGMA table_info({table})")}
-                if "dead_lettered" not in columns:
-                    self._db.execute(f"ALTER TABLE {table} ADD COLUMN dead_lettered INTEGER NOT NULL DEFAULT 0")
+                for column, kind in wanted.items():
+                    if column not in columns:
+                        self._db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
 
     # --- plumbing ------------------------------------------------------------------
 
@@ -562,17 +587,32 @@ class Store:
         outcome = self.register(project_id, service_name, pipelines)
         return outcome.pipelines_created, outcome.pipelines_updated, outcome.service_id
 
-    def register(self, project_id: int, service_name: str, pipelines: Sequence[dict[str, Any]]) -> "Registration":
+    def register(
+        self,
+        project_id: int,
+        service_name: str,
+        pipelines: Sequence[dict[str, Any]],
+        *,
+        category_maps_assumed: bool = False,
+    ) -> "Registration":
         """Antenna's ``create_pipelines``: pipelines upserted per (project, slug), their algorithms
-        created once (by key) and added to the pipeline (never removed: a union across services)."""
+        created once (by key) and added to the pipeline (never removed: a union across services).
+        The service is marked seen (Antenna's ``mark_seen`` after a registration).
+
+        All or nothing, as Antenna's (one transaction): a classification algorithm (task type
+        ``classification`` or ``tagging``) registered with no category map, and with none from an
+        earlier registration, raises :class:`PipelineNotConfigured` and nothing is stored
+        (``get_or_create_algorithm_and_category_map``). ``category_maps_assumed``: the devstack's
+        pre-registration, which declares algorithms by name and key only, as if their maps had been
+        sent (an operator's ``register`` sends them)."""
         now = self._clock()
         created, updated, algorithms_created = [], [], []
         with self._tx() as db:
             self._ensure_project(db, project_id, now)
             db.execute(
-                "INSERT INTO processing_services (project_id, name, last_seen_at) VALUES (?, ?, ?)"
+                "INSERT INTO processing_services (project_id, name, last_seen_at, created_at) VALUES (?, ?, ?, ?)"
                 " ON CONFLICT (project_id, name) DO UPDATE SET last_seen_at = excluded.last_seen_at",
-                (project_id, service_name, now),
+                (project_id, service_name, now, now),
             )
             service_id = db.execute(
                 "SELECT id FROM processing_services WHERE project_id = ? AND name = ?", (project_id, service_name)
@@ -589,19 +629,89 @@ class Store:
                     (project_id, p["slug"], p["name"], p["version"], json.dumps(p), service_id, now),
                 )
                 (updated if exists else created).append(p["slug"])
+                db.execute(
+                    "INSERT INTO service_pipelines (service_id, project_id, slug) VALUES (?, ?, ?) ON CONFLICT DO NOTHING",
+                    (service_id, project_id, p["slug"]),
+                )
                 for algorithm in p.get("algorithms") or ():
+                    key, task_type = algorithm["key"], algorithm.get("task_type")
+                    category_map = algorithm.get("category_map")
+                    with_map = category_maps_assumed or bool(category_map and category_map.get("data"))
+                    row = db.execute("SELECT has_category_map FROM algorithms WHERE key = ?", (key,)).fetchone()
+                    if (
+                        not category_maps_assumed and category_map is None and task_type in CLASSIFICATION_TASK_TYPES
+                        and not (row and row[0])
+                    ):
+                        raise PipelineNotConfigured(
+                            f"No valid category map found for algorithm '{key}' with task type '{task_type}' or in the "
+                            "pipeline /info response. Update the processing service to include a category map for all "
+                            "classification algorithms then re-register the pipelines."
+                        )
                     cur = db.execute(
-                        "INSERT INTO algorithms (key, name, created_at) VALUES (?, ?, ?) ON CONFLICT (key) DO NOTHING",
-                        (algorithm["key"], algorithm.get("name") or algorithm["key"], now),
+                        "INSERT INTO algorithms (key, name, created_at, task_type, has_category_map)"
+                        " VALUES (?, ?, ?, ?, ?) ON CONFLICT (key) DO UPDATE SET task_type = excluded.task_type,"
+                        " has_category_map = MAX(has_category_map, excluded.has_category_map)",
+                        (key, algorithm.get("name") or key, now, task_type, int(with_map)),
                     )
-                    if cur.rowcount == 1:
-                        algorithms_created.append(algorithm["key"])
+                    if row is None:
+                        algorithms_created.append(key)
                     db.execute(
                         "INSERT INTO pipeline_algorithms (project_id, slug, key) VALUES (?, ?, ?)"
                         " ON CONFLICT DO NOTHING",
                         (project_id, p["slug"], algorithm["key"]),
                     )
         return Registration(created, updated, algorithms_created, service_id)
+
+    # --- processing services and their liveness ---------------------------------------------
+
+    def mark_services_seen(
+        self, *, slugs: Sequence[str] | None = None, project_id: int | None = None
+    ) -> int:
+        """Mark processing services seen now; returns how many. Antenna's heartbeat tasks
+        (``ami/jobs/tasks.py``): ``slugs`` alone, every service linked to any of those pipelines in any
+        project (``update_async_services_seen_for_pipelines``); ``project_id`` alone, every service
+        of the project (``update_async_services_seen_for_project``); both, the services linked to
+        those pipelines within the project (``update_pipeline_pull_services_seen``)."""
+        where, params = [], []
+        if slugs is not None:
+            slugs = list(slugs)
+            if not slugs:
+                return 0
+            where.append(f"id IN (SELECT service_id FROM service_pipelines WHERE slug IN ({_marks(slugs)})"
+                         + (" AND project_id = ?)" if project_id is not None else ")"))
+            params += [*slugs, *([project_id] if project_id is not None else [])]
+        elif project_id is not None:
+            where.append("project_id = ?")
+            params.append(project_id)
+        else:
+            return 0
+        with self._tx() as db:
+            cur = db.execute(f"UPDATE processing_services SET last_seen_at = ? WHERE {' AND '.join(where)}",
+                             [self._clock(), *params])
+            return cur.rowcount
+
+    def processing_services(self, project_id: int | None = None) -> list[dict[str, Any]]:
+        """Each service: ``{id, name, project_id, last_seen_at, created_at, pipelines: [slug]}``, by id."""
+        rows = self._query(
+            "SELECT * FROM processing_services" + (" WHERE project_id = ?" if project_id is not None else "")
+            + " ORDER BY id",
+            (project_id,) if project_id is not None else (),
+        )
+        out = []
+        for r in rows:
+            slugs = self._query("SELECT slug FROM service_pipelines WHERE service_id = ? ORDER BY slug", (r["id"],))
+            out.append({**dict(r), "pipelines": [x[0] for x in slugs]})
+        return out
+
+    def detection_algorithms(self, project_id: int, slug: str) -> list[str]:
+        """Keys of the pipeline's algorithms whose task type is a detection type (Antenna saves a
+        pipeline's results only when there is exactly one)."""
+        rows = self._query(
+            f"SELECT a.key FROM pipeline_algorithms pa JOIN algorithms a ON a.key = pa.key WHERE pa.project_id = ?"
+            f" AND pa.slug = ? AND a.task_type IN ({_marks(DETECTION_TASK_TYPES)}) ORDER BY a.key",
+            (project_id, slug, *DETECTION_TASK_TYPES),
+        )
+        return [r[0] for r in rows]
 
     def algorithm_keys(self, project_id: int, slug: str) -> set[str]:
         """Keys of the algorithms registered for this project's pipeline (empty if it is not registered)."""
@@ -611,6 +721,11 @@ class Store:
     def pipelines(self, project_id: int) -> list[dict[str, Any]]:
         rows = self._query("SELECT config FROM pipelines WHERE project_id = ? ORDER BY slug", (project_id,))
         return [json.loads(r[0]) for r in rows]
+
+    def pipeline_config(self, project_id: int, slug: str) -> dict[str, Any] | None:
+        """The configuration last registered for the project's pipeline (None: never registered)."""
+        rows = self._query("SELECT config FROM pipelines WHERE project_id = ? AND slug = ?", (project_id, slug))
+        return json.loads(rows[0][0]) if rows else None
 
     # --- projects -------------------------------------------------------------------------
 

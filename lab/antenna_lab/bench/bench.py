@@ -20,6 +20,7 @@ sleep at time zero (seeded by the scenario's ``seed``, reported as
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -42,6 +43,7 @@ from typing import Any, Literal
 import httpx
 from pydantic import BaseModel, ConfigDict, Field
 
+from antenna_lab.antenna.costs import AntennaCosts
 from antenna_lab.antenna.demo_images import demo_image_urls
 from antenna_lab.antenna.admin import AntennaAdmin, AntennaError
 from antenna_lab.antenna.devstack import DevStack
@@ -72,6 +74,7 @@ class ModelSpec(_Spec):
     kind: Literal["sim", "ami"] = "sim"
     seconds_per_image: float = 0.05
     seconds_per_batch: float = 0.02
+    max_batch_size: int | None = Field(None, ge=1)  # fair workers' largest GPU batch (default: drain.batch_size)
 
 
 class ImagesSpec(_Spec):
@@ -144,6 +147,8 @@ class Scenario(_Spec):
     # Rollover: each worker ends its run after this many seconds (AMI_MAX_RUNTIME_S) and is started
     # again at once, as the worker deployment's next run is; handovers are reported with their idle gap.
     rollover_s: float | None = Field(None, gt=0)
+    # What Antenna charges per request and per save (shared/bench/README.md); None: nothing, as before.
+    antenna: AntennaCosts | None = None
 
     def drain_phases(self, sleep_s: float) -> list[float]:
         """Where each drain worker is in its idle sleep at time zero: uniform in [0, sleep), seeded."""
@@ -335,6 +340,26 @@ class HangingImageServer:
         self.server.server_close()
 
 
+@functools.lru_cache(maxsize=1)
+def _sim_slugs() -> frozenset[str]:
+    from antenna_flows.registration import declared_pipelines
+
+    return frozenset(p.slug for p in declared_pipelines("sim", category_maps=False))
+
+
+def job_pipeline(slug: str, model_kind: str) -> str:
+    """The slug a job for ``model_kind`` workers is submitted on: ``sim`` serves pipelines of its own,
+    ``sim-<slug>`` (what ``declared_pipelines("sim")`` names; a scenario names the registry slug), so
+    its answers never land on a real pipeline. A product whose sim still declares the registry slugs
+    gets the slug as it is."""
+    if model_kind != "sim":
+        return slug
+    sim = _sim_slugs()
+    if slug in sim:
+        return slug
+    return f"sim-{slug}" if f"sim-{slug}" in sim else slug
+
+
 def job_image_urls(base_url: str, spec: "JobSpec", width: int, height: int,
                    hanging: HangingImageServer | None) -> list[str]:
     """The job's image URLs on the local API, its broken ones spread evenly (hanging ones among the good)."""
@@ -462,6 +487,7 @@ class Bench:
         self._fault_log: list[dict[str, Any]] = []
         self._phases: list[float] | None = None
         self._unacked: list[tuple[float, int]] = []  # (seconds from time zero, tasks delivered and not acked)
+        self._max_redelivered: dict[int, int] = {}  # per job, the most NATS num_redelivered seen (as the harness)
         self._hanging: HangingImageServer | None = None
 
     @property
@@ -486,7 +512,7 @@ class Bench:
             api = ApiSettings(api_port=0, data_dir=out_dir / "api")
             # The dead-letter reaper on: a task that ran out of max_deliver gets an error result marked
             # dead_lettered (reported apart), so its job ends instead of waiting out the time limit.
-            dev = DevStack(queue, api, reap_dead_letters=True, seed=sc.seed)
+            dev = DevStack(queue, api, reap_dead_letters=True, seed=sc.seed, costs=sc.antenna)
             dev.start()
             stack.callback(dev.stop)
             admin = AntennaAdmin(dev.api_url, dev.token)
@@ -518,6 +544,9 @@ class Bench:
             log.info("bench %s: %d %s workers ready after %.1fs (%s, %s transport)", sc.name, sc.workers, opt.strategy,
                      startup_s, opt.orchestration, self.transport)
             requests_before = _request_counts(dev)
+            if dev.antenna.web is not None:
+                dev.antenna.web.reset_stats()
+            dev.antenna.plane.reset_save_stats()
             t0 = time.time()
             self._release_drain(t0)
             sampler = ProcessSampler(self.workers).start()
@@ -533,13 +562,15 @@ class Bench:
                 log.warning("bench: background saves still pending: %s", exc)
             jobs = {j.id: j.model_dump() for j in _retrying(admin.jobs)}
             answers = self._answers(dev, t0)
+            saves = self._saves(dev, t0)
             for thread in self._fault_threads:  # a Prefect outage still under way ends before the workers stop
                 thread.join()
             self._stop_workers()  # before reading Prefect's database: the runs' final states and logs are in
             prefect_after = prefect_db_stats(self._server.db_path) if self._server else None
-            report = self._report(t0, startup_s, submitted, cancelled, jobs, out_dir, answers)
+            report = self._report(t0, startup_s, submitted, cancelled, jobs, out_dir, answers, saves)
             report["wall_s"] = round(finished_at - t0, 3)
             report["api_requests"] = _delta(requests_before, requests_after)
+            report["antenna"] = self._antenna_figures(dev, report)
             report.update(procs)
             report["prefect"] = _delta(prefect_before, prefect_after) if opt.orchestration == "prefect" else None
             return report
@@ -557,7 +588,7 @@ class Bench:
                 "AMI_MODEL_KIND": sc.model.kind,
                 "AMI_SIM_SECONDS_PER_IMAGE": str(sc.model.seconds_per_image),
                 "AMI_SIM_SECONDS_PER_BATCH": str(sc.model.seconds_per_batch),
-                "AMI_MAX_BATCH_SIZE": str(sc.drain.batch_size),
+                "AMI_MAX_BATCH_SIZE": str(sc.model.max_batch_size or sc.drain.batch_size),
                 "AMI_DRAIN_BATCH_SIZE": str(sc.drain.batch_size),
                 "AMI_DRAIN_LOADERS": str(sc.drain.loaders),
                 "AMI_DRAIN_PREFETCH": str(sc.drain.prefetch),
@@ -657,7 +688,7 @@ class Bench:
 
         def create() -> None:
             try:
-                admin.create_job(pipeline=spec.pipeline, image_urls=urls, priority=spec.priority, job_id=spec.id,
+                admin.create_job(pipeline=job_pipeline(spec.pipeline, sc.model.kind), image_urls=urls, priority=spec.priority, job_id=spec.id,
                                  name=f"{sc.name} job {spec.id}")
             except AntennaError as exc:
                 # an earlier try that timed out may have created it: then it is there, and that is success
@@ -675,6 +706,9 @@ class Bench:
         except (AntennaError, httpx.HTTPError):  # an injected API outage: look again at the next poll
             return False
         self._unacked.append((time.time() - t0, sum(j.ack_pending for j in jobs.values() if j.id in live and not j.final)))
+        for j in jobs.values():
+            if j.id in live:
+                self._max_redelivered[j.id] = max(self._max_redelivered.get(j.id, 0), j.redelivered)
         return all(jid in jobs and jobs[jid].processed >= jobs[jid].total for jid in live)
 
     def _fault(self, fault: FaultSpec, dev: DevStack, admin: AntennaAdmin, cancelled: set[int],
@@ -768,6 +802,37 @@ class Bench:
             bins[k] += 1
         return {"per_s": bins, "dead": dead}
 
+    def _saves(self, dev: DevStack, t0: float) -> dict[int, dict[str, Any]]:
+        """Per job, from the API's save queue: when each image's first answer was accepted (seconds from
+        time zero) and how long each stored result waited from acceptance to its save."""
+        plane = dev.antenna.plane
+        out: dict[int, dict[str, Any]] = {}
+        for spec in self.scenario.jobs:
+            answered = plane.answered_at(spec.id)
+            out[spec.id] = {"answered": sorted(t - t0 for t in answered.values()), "delays": plane.save_delays(spec.id)}
+        return out
+
+    def _antenna_figures(self, dev: DevStack, report: dict[str, Any]) -> dict[str, Any] | None:
+        """What the cost model did (None without one): the model, the save queue's longest backlog, the
+        acceptance-to-save delay overall and by job size (small jobs waiting behind big ones shows here),
+        and the web workers' backlog and waits by endpoint."""
+        sc = self.scenario
+        if sc.antenna is None:
+            return None
+        antenna = dev.antenna
+        by_size: dict[int, list[float]] = {}
+        for row in report["jobs"]:
+            by_size.setdefault(row["images"], []).extend(row.pop("_save_delays", []))
+        every = [d for delays in by_size.values() for d in delays]
+        return {
+            "model": sc.antenna.model_dump(),
+            "save_queue_peak": antenna.plane.save_queue_peak,
+            "saves_done": antenna.plane.saves_done, "saves_failed": antenna.plane.saves_failed,
+            "save_delay_s": _spread(every),
+            "save_delay_by_job_images": {str(k): _spread(v) for k, v in sorted(by_size.items())},
+            "web": antenna.web.stats() if antenna.web is not None else None,
+        }
+
     def _handovers(self, out_dir: Path, t0: float) -> list[dict[str, Any]]:
         """Per rollover: the worker's slot idle gap around it (last batch of the old run to the first of
         the next), i.e. what a GPU loses at a handover."""
@@ -786,7 +851,8 @@ class Bench:
         return out
 
     def _report(self, t0: float, startup_s: float, submitted: dict[int, float], cancelled: set[int],
-                jobs: dict[int, dict[str, Any]], out_dir: Path, answers: dict[str, Any]) -> dict[str, Any]:
+                jobs: dict[int, dict[str, Any]], out_dir: Path, answers: dict[str, Any],
+                saves: dict[int, dict[str, Any]] | None = None) -> dict[str, Any]:
         sc, opt = self.scenario, self.options
         slot_s = 0.0
         inferred = 0
@@ -806,7 +872,9 @@ class Bench:
         rows = []
         answered_total = 0
         last_answer = 0.0
+        last_save = 0.0
         lost = 0
+        costs = sc.antenna is not None
         for spec in sc.jobs:
             j = jobs.get(spec.id, {})
             results, errors = int(j.get("results", 0)), int(j.get("errors", 0))
@@ -815,21 +883,44 @@ class Bench:
             answered_total += results + errors
             first = j.get("first_result_at")
             last = j.get("last_result_at") or j.get("completed_at")
-            done = last if results + errors >= total else None
-            if last:
+            saved = last if results + errors >= total else None  # the store records a result when it is saved
+            done = saved
+            job_saves = (saves or {}).get(spec.id, {"answered": [], "delays": []})
+            if costs:
+                # Saves take time: the job is answered when its last image got its first answer accepted
+                # (an image answered only by the dead-letter reaper: when the reaper stored it)
+                answered = job_saves["answered"]
+                if answered:
+                    first = min(first or math.inf, answered[0] + t0)
+                    last_answered = answered[-1] + t0
+                    last_answer = max(last_answer, answered[-1])
+                    if saved is not None:  # complete: answered when the last worker answer was accepted
+                        done = last_answered if len(answered) >= total - dead else saved
+                    else:  # answered whole, saves still behind (or lost)
+                        done = last_answered if len(answered) >= total else None
+                if last:
+                    last_save = max(last_save, last - t0)
+            elif last:
                 last_answer = max(last_answer, last - t0)
             if spec.id not in cancelled:
                 lost += max(0, total - results - errors)
+            delays = job_saves["delays"]
             rows.append({
                 "id": spec.id, "images": spec.images, "results": results, "errors": errors - dead,
                 "dead_lettered": dead,
                 "submitted_s": _r(submitted.get(spec.id)),
                 "first_result_s": _r(first - t0 if first else None),
                 "completed_s": _r(done - t0 if done else None),
+                "saved_s": _r(saved - t0 if saved else None),
                 "redelivered": int(j.get("redeliveries", 0)), "duplicates": int(j.get("duplicates", 0)),
-                "priority": spec.priority, "pipeline": spec.pipeline, "cancelled": spec.id in cancelled,
+                "max_redelivered": self._max_redelivered.get(spec.id, 0),
+                "priority": spec.priority, "pipeline": job_pipeline(spec.pipeline, sc.model.kind),
+                "cancelled": spec.id in cancelled,
+                **({"save_delay_mean_s": _r(sum(delays) / len(delays)) if delays else None,
+                    "save_delay_p95_s": _spread(delays)["p95"], "_save_delays": delays} if costs else {}),
             })
         makespan = last_answer
+        saved_makespan = last_save if costs else last_answer
         # Each image's first inference only: drain re-infers what NATS redelivered, and that duplicate
         # work is no part of the bound. Slot seconds are scaled by (images answered by a worker /
         # images inferred), i.e. duplicates are charged at the run's mean slot seconds per image.
@@ -845,7 +936,7 @@ class Bench:
         return {
             "scenario": sc.name, "strategy": opt.strategy, "orchestration": opt.orchestration, "workers": sc.workers,
             "transport": self.transport,
-            "startup_s": _r(startup_s), "makespan_s": _r(makespan),
+            "startup_s": _r(startup_s), "makespan_s": _r(makespan), "saved_makespan_s": _r(saved_makespan),
             "images_per_s": _r(answered_total / makespan if makespan > 0 else 0.0),
             "ideal_makespan_s": _r(slot_s * first_share / sc.workers),
             "ideal_makespan_model_s": _r(ideal_model),
@@ -941,6 +1032,15 @@ def _retrying(call: Any, attempts: int = 50, pause_s: float = 0.2) -> Any:
         time.sleep(pause_s)
 
 
+def _spread(values: list[float]) -> dict[str, float | int | None]:
+    """Count, mean, 95th percentile and max of ``values`` (seconds)."""
+    if not values:
+        return {"n": 0, "mean": None, "p95": None, "max": None}
+    ordered = sorted(values)
+    p95 = ordered[min(len(ordered) - 1, int(0.95 * len(ordered)))]
+    return {"n": len(ordered), "mean": _r(sum(ordered) / len(ordered)), "p95": _r(p95), "max": _r(ordered[-1])}
+
+
 def _r(value: float | None, digits: int = 3) -> float | None:
     return None if value is None else round(value, digits)
 
@@ -952,14 +1052,14 @@ def run_bench(scenario: Scenario, options: BenchOptions) -> dict[str, Any]:
 def format_report(report: dict[str, Any]) -> str:
     """A terminal table: one row per job, then the run's figures."""
     head = f"{'job':>6} {'pipeline':<22} {'prio':>4} {'images':>6} {'results':>7} {'errors':>6} " \
-           f"{'submit_s':>8} {'first_s':>8} {'done_s':>8} {'took_s':>7} {'redeliv':>7} {'dups':>5}"
+           f"{'submit_s':>8} {'first_s':>8} {'done_s':>8} {'took_s':>7} {'saved_s':>8} {'redeliv':>7} {'dups':>5}"
     lines = [head, "-" * len(head)]
     for j in report["jobs"]:
         took = (j["completed_s"] - j["submitted_s"]) if j["completed_s"] is not None and j["submitted_s"] is not None else None
         lines.append(
             f"{j['id']:>6} {j['pipeline'][:22]:<22} {j['priority']:>4} {j['images']:>6} {j['results']:>7} {j['errors']:>6} "
             f"{_f(j['submitted_s'])} {_f(j['first_result_s'])} {_f(j['completed_s'])} {_f(took, 7)} "
-            f"{j['redelivered']:>7} {j['duplicates']:>5}"
+            f"{_f(j.get('saved_s'))} {j['redelivered']:>7} {j['duplicates']:>5}"
             + ("  (cancelled)" if j.get("cancelled") else "")
         )
     lines.append("")
@@ -983,6 +1083,10 @@ def format_report(report: dict[str, Any]) -> str:
         lines.append(f"drain start phases (s into the idle sleep at time zero): {report['drain_start_phase_s']}")
     if report.get("api_requests"):
         lines.append(f"API requests by the workers: {report['api_requests']}")
+    if report.get("antenna"):
+        a = report["antenna"]
+        lines.append(f"Antenna costs: all saved at {report.get('saved_makespan_s')}s; save queue peak "
+                     f"{a['save_queue_peak']}; acceptance to save {a['save_delay_s']}; web {a['web']}")
     if report.get("worker_rss_mb"):
         lines.append("worker RSS MiB (first/peak/last): " + ", ".join(
             f"w{r['worker']} {r['first']}/{r['peak']}/{r['last']}" for r in report["worker_rss_mb"]))

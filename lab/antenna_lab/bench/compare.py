@@ -24,8 +24,10 @@ def _median(values: list[float | None]) -> float | None:
     return round(statistics.median(present), 3) if present else None
 
 
-def small_job_latency(report: dict[str, Any], max_images: int, time_limit_s: float | None = None) -> list[float]:
-    """Completion time since submission of each job with at most ``max_images`` images.
+def small_job_latency(report: dict[str, Any], max_images: int, time_limit_s: float | None = None,
+                      field: str = "completed_s") -> list[float]:
+    """Completion time (``field``: ``completed_s``, answered, or ``saved_s``, saved by the API) since
+    submission of each job with at most ``max_images`` images.
 
     A job that never completed (images lost, or the time limit hit) counts as the worst there
     is: the time from its submission to the run's limit (``time_limit_s``, else the run's wall
@@ -36,7 +38,7 @@ def small_job_latency(report: dict[str, Any], max_images: int, time_limit_s: flo
     for job in report["jobs"]:
         if job["images"] > max_images or job.get("cancelled"):
             continue
-        done, sub = job["completed_s"], job["submitted_s"]
+        done, sub = job.get(field, job["completed_s"]), job["submitted_s"]
         if done is None or sub is None:
             out.append(round(max(limit, report.get("wall_s") or 0.0) - (sub or 0.0), 3))
         else:
@@ -52,9 +54,13 @@ def incomplete_small_jobs(report: dict[str, Any], max_images: int) -> int:
 def summarize(reports: list[dict[str, Any]], small: int, time_limit_s: float | None = None) -> dict[str, Any]:
     lat = [small_job_latency(r, small, time_limit_s) for r in reports]
     worst_small = [max(run, default=None) for run in lat]
+    saved = [small_job_latency(r, small, time_limit_s, "saved_s") for r in reports]
     return {
         "runs": len(reports),
         "makespan_s": _median([r["makespan_s"] for r in reports]),
+        "saved_makespan_s": _median([r.get("saved_makespan_s", r["makespan_s"]) for r in reports]),
+        "small_jobs_saved_worst_s": _median([max(run, default=None) for run in saved]),
+        "api_requests_per_image": _median([_requests_per_image(r) for r in reports]),
         "ideal_makespan_s": _median([r["ideal_makespan_s"] for r in reports]),
         "ideal_makespan_model_s": _median([r.get("ideal_makespan_model_s") for r in reports]),
         "dead_lettered": max(r.get("dead_lettered", 0) for r in reports),
@@ -68,6 +74,12 @@ def summarize(reports: list[dict[str, Any]], small: int, time_limit_s: float | N
         "small_jobs_per_run_s": lat,
         "startup_s": _median([r["startup_s"] for r in reports]),
     }
+
+
+def _requests_per_image(report: dict[str, Any]) -> float | None:
+    images = sum(j["images"] for j in report["jobs"])
+    requests = report.get("api_requests")
+    return round(sum(requests.values()) / images, 3) if requests and images else None
 
 
 def compare(scenario: Scenario, fair_runs: int = 2, drain_runs: int = 3, small: int = 10,
@@ -122,9 +134,9 @@ def compare(scenario: Scenario, fair_runs: int = 2, drain_runs: int = 3, small: 
 
 
 def format_comparison(result: dict[str, Any]) -> str:
-    rows = ["variant", "runs", "makespan_s", "ideal_makespan_s", "ideal_makespan_model_s", "images_per_s",
+    rows = ["variant", "runs", "makespan_s", "saved_makespan_s", "ideal_makespan_s", "ideal_makespan_model_s", "images_per_s",
             "redeliveries", "duplicate_results", "lost", "dead_lettered", "max_reserved_idle_s", "small_jobs_worst_s",
-            "small_jobs_incomplete"]
+            "small_jobs_saved_worst_s", "api_requests_per_image", "small_jobs_incomplete"]
     labels = list(result["summary"])
     width = 20
     lines = [f"{result['scenario']} on {result['machine']} ({result['date']} UTC, {result['wall_s']} s)", ""]
