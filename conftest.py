@@ -122,6 +122,24 @@ async def nats_queue(nats_server: EmbeddedNats) -> AsyncIterator[JobStreams]:
 
 
 
+@pytest.fixture(scope="session", autouse=True)
+def stop_temporary_prefect_servers() -> Iterator[None]:
+    """Stop every temporary Prefect server this session started, while pytest's streams are still open.
+
+    Prefect stops a temporary server it started on its own (code that asked for a client with no
+    ``PREFECT_API_URL``) at interpreter exit, logging through a handler bound to a stream pytest
+    has closed by then: a ``ValueError: I/O operation on closed file`` traceback after the summary.
+    """
+    yield
+    import sys
+
+    if "prefect.server.api.server" in sys.modules:
+        from prefect.server.api.server import SubprocessASGIServer
+
+        for server in set(SubprocessASGIServer._instances.values()):
+            server.stop()
+
+
 @pytest.fixture(scope="module")
 def prefect_server() -> Iterator[str]:
     """One Prefect test server per test module that asks for it (``prefect_test_harness`` takes ~12 s

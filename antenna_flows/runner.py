@@ -25,8 +25,10 @@ def run_worker(settings: WorkerSettings, orchestration: Literal["prefect", "plai
     if orchestration == "prefect":
         os.environ["AMI_ANTENNA_API_TOKEN"] = settings.antenna_api_token
         from antenna_flows.flows.worker import fair_worker
+        from antenna_flows.orchestration.server import prefect_api
 
-        return asyncio.run(fair_worker(worker_name=settings.worker_name, settings_overrides=flow_overrides(settings)))
+        with prefect_api():  # no PREFECT_API_URL: a temporary server that outlives the run (its final report)
+            return asyncio.run(fair_worker(worker_name=settings.worker_name, settings_overrides=flow_overrides(settings)))
 
     from antenna_flows.models import load_model
     from antenna_flows.worker import FairWorker

@@ -6,13 +6,12 @@ deployments/setup-pools.sh, ``prefect --no-prompt deploy --all`` of prefect.yaml
 of one sim slot. The keeper starts the slot's fair-worker run; the test SIGKILLs that run's process
 and expects a replacement run serving the job (new results posted) within 60 s, without any help.
 
-The fast tests at the end cover the fleet spec itself.
+Also here: an ad-hoc ``process-jobs`` run. The keeper's pass on its own: tests/test_fleet_keeper.py;
+the fleet spec: tests/test_fleet_spec.py.
 """
 
 from __future__ import annotations
 
-import asyncio
-import json
 import os
 import signal
 import socket
@@ -26,12 +25,11 @@ import httpx
 import pytest
 
 import antenna_flows.prefect_env  # noqa: F401 - before prefect
-from antenna_flows.deployments.fleet import SpecError, load_fleet, parse_fleet, slot_of, worker_command
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 PREFECT = str(BIN / "prefect")
-PIPELINE = "panama_moths_2024"
+PIPELINE = "sim-panama_moths_2024"  # the sim model serves pipelines of its own
 REPLACEMENT_DEADLINE_S = 60.0
 
 
@@ -64,7 +62,7 @@ def stop(proc: subprocess.Popen, grace: float = 10.0) -> None:
 
 
 @pytest.fixture(scope="module")
-def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+def real_prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
     """A real Prefect server (SQLite) on a free port; yields the environment for prefect commands."""
     home = tmp_path_factory.mktemp("prefect-home")
     port = free_port()
@@ -127,8 +125,8 @@ def job(stack: Any, job_id: int) -> dict[str, Any]:
 
 
 @pytest.mark.slow
-def test_killed_worker_run_is_replaced_and_serving_within_60_s(prefect_server, stack_factory, tmp_path):
-    env = prefect_server
+def test_killed_worker_run_is_replaced_and_serving_within_60_s(real_prefect_server, stack_factory, tmp_path):
+    env = real_prefect_server
     stack = stack_factory(ack_wait_s=10.0, max_deliver=5)
     stack.create_job(PIPELINE, 4000, job_id=901)  # ~8 min of sim work at 0.1 s/image: the job outlives the test
 
@@ -222,16 +220,8 @@ def test_killed_worker_run_is_replaced_and_serving_within_60_s(prefect_server, s
 # --- ad-hoc runs ---------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def prefect_harness():
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
-
-
 @pytest.mark.prefect
-async def test_process_jobs_serves_only_the_named_jobs_and_exits_when_they_are_done(prefect_harness, stack, monkeypatch):
+async def test_process_jobs_serves_only_the_named_jobs_and_exits_when_they_are_done(prefect_server, stack, monkeypatch):
     from antenna_flows.flows.process_jobs import process_jobs
 
     monkeypatch.setenv("AMI_ANTENNA_API_TOKEN", stack.token)
@@ -252,158 +242,3 @@ async def test_process_jobs_serves_only_the_named_jobs_and_exits_when_they_are_d
     assert [job(stack, j.id)["status"] for j in named] == ["SUCCESS", "SUCCESS"]
     untouched = job(stack, other.id)
     assert (untouched["results"], untouched["ack_pending"], untouched["pending"]) == (0, 0, 7), untouched
-
-
-# --- one keeper pass, against Prefect's test server ------------------------------------------------
-
-
-@pytest.mark.prefect
-async def test_keeper_pass_starts_missing_slots_cancels_duplicates_and_crashes_silent_runs(prefect_harness):
-    import datetime as dt
-
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.actions import WorkPoolCreate
-    from prefect.events import emit_event
-    from prefect.states import Running
-
-    from antenna_flows.flows.worker import fair_worker
-    from antenna_flows.tasks.fleet import keep_fleet
-
-    spec = {
-        "deployment": "fair-worker/keeper-test",
-        "stale_after_s": 60,
-        "hosts": [{"name": "kt", "gpus": 2, "parameters": {"model_kind": "sim"}}],
-    }
-    fleet = parse_fleet(spec)
-    async with get_client() as client:
-        await client.create_work_pool(WorkPoolCreate(name="keeper-test-pool", type="process"), overwrite=True)
-        await (await fair_worker.ato_deployment(name="keeper-test", work_pool_name="keeper-test-pool")).apply()
-
-        first = await keep_fleet(client, fleet)
-        assert (first.started, first.errors) == (2, 0), [s.row() for s in first.slots]
-        runs = {slot_of(r.tags): r for r in await client.read_flow_runs() if "fleet" in r.tags}
-        assert set(runs) == {"kt-gpu0", "kt-gpu1"}
-        gpu1 = runs["kt-gpu1"]
-        assert gpu1.work_queue_name == "kt-gpu1" and gpu1.parameters["device"] == "cuda:1"
-        assert gpu1.parameters["worker_name"] == "kt-gpu1" and gpu1.parameters["model_kind"] == "sim"
-        queue = await client.read_work_queue_by_name("kt-gpu1", work_pool_name="keeper-test-pool")
-        assert queue.concurrency_limit == 1
-
-        again = await keep_fleet(client, fleet)  # idempotent: Scheduled runs are alive
-        assert (again.started, again.cancelled, again.crashed) == (0, 0, 0)
-
-        # gpu0's run starts; a stray second run of the slot waits behind it: the keeper cancels the stray.
-        gpu0 = runs["kt-gpu0"]
-        await client.set_flow_run_state(gpu0.id, Running(), force=True)
-        stray = await client.create_flow_run_from_deployment(
-            gpu0.deployment_id, parameters=gpu0.parameters, tags=["fleet", "fleet-slot:kt-gpu0"], work_queue_name="kt-gpu0")
-        third = await keep_fleet(client, fleet)
-        assert (third.started, third.cancelled) == (0, 1)
-        assert (await client.read_flow_run(stray.id)).state.is_cancelled()
-
-        # gpu1's run is Running and sent a heartbeat once, none for longer than stale_after_s since: its
-        # host is gone. (The server stamps states itself, so the test waits out a 2 s stale_after_s.)
-        await client.set_flow_run_state(gpu1.id, Running(), force=True)
-        emit_event(
-            "prefect.flow-run.heartbeat",
-            resource={"prefect.resource.id": f"prefect.flow-run.{gpu1.id}"},
-            occurred=dt.datetime.now(dt.timezone.utc) - dt.timedelta(seconds=10),
-        )
-        # gpu0 is Running without any heartbeat ever (heartbeats off): never called stale.
-        await client.set_flow_run_state(gpu0.id, Running(), force=True)
-
-        from antenna_flows.tasks.fleet import last_heartbeat
-
-        since = dt.datetime.now(dt.timezone.utc) - dt.timedelta(minutes=5)
-        deadline = time.monotonic() + 30
-        while await last_heartbeat(client, gpu1.id, since) is None:
-            assert time.monotonic() < deadline, "the heartbeat event never reached the events API"
-            await asyncio.sleep(0.5)
-        await asyncio.sleep(2.5)
-        fleet = parse_fleet({**spec, "stale_after_s": 2})
-        fourth = await keep_fleet(client, fleet)
-        assert (fourth.crashed, fourth.started) == (1, 1), [s.row() for s in fourth.slots]
-        assert (await client.read_flow_run(gpu1.id)).state.is_crashed()
-        assert (await client.read_flow_run(gpu0.id)).state.is_running()
-        row = {s.slot: s for s in fourth.slots}["kt-gpu1"]
-        assert row.action == "started" and "no heartbeat" in row.detail and "replaces" in row.detail
-
-
-# --- the fleet spec -----------------------------------------------------------------------------
-
-
-def test_fleet_spec_slots_queues_and_worker_command():
-    fleet = parse_fleet({
-        "deployment": "fair-worker/gpu-worker",
-        "stale_after_s": 120,
-        "hosts": [
-            {"name": "gpu-a", "gpus": [0, 2], "pipelines": ["panama_moths_2024"], "parameters": {"max_batch_size": 16}},
-            {"name": "gpu-b", "gpus": 1, "deployment": "fair-worker/sim-worker", "parameters": {"device": "cpu"}},
-            {"name": "gpu-c", "gpus": 4, "enabled": False},
-        ],
-    })
-    assert [s.name for s in fleet.slots] == ["gpu-a-gpu0", "gpu-a-gpu2", "gpu-b-gpu0"]
-    a2 = fleet.slot("gpu-a-gpu2")
-    assert a2.parameters == {"max_batch_size": 16, "pipelines": ["panama_moths_2024"], "worker_name": "gpu-a-gpu2", "device": "cuda:2"}
-    assert a2.work_queue == "gpu-a-gpu2" and a2.tags == ["fleet", "fleet-slot:gpu-a-gpu2"]
-    assert slot_of(["antenna", "fleet", "fleet-slot:gpu-a-gpu2"]) == "gpu-a-gpu2" and slot_of(["x"]) is None
-    assert fleet.slot("gpu-b-gpu0").parameters["device"] == "cpu"
-    assert fleet.slot("gpu-b-gpu0").deployment == "fair-worker/sim-worker"
-    assert fleet.stale_after_s == 120
-    assert worker_command(fleet, "gpu-a") == [
-        "prefect", "worker", "start", "--pool", "gpu-pool", "--name", "gpu-a-worker",
-        "--work-queue", "gpu-a-gpu0", "--work-queue", "gpu-a-gpu2",
-    ]
-    with pytest.raises(SpecError):
-        worker_command(fleet, "nope")
-
-
-@pytest.mark.parametrize("bad", [
-    {"hosts": [{"gpus": 1}]},
-    {"hosts": [{"name": "a b"}]},
-    {"hosts": [{"name": "a", "gpus": [0, 0]}]},
-    {"hosts": [{"name": "a", "gpus": -1}]},
-    {"hosts": [{"name": "a", "deployment": "no-slash"}]},
-    {"hosts": [{"name": "a"}, {"name": "a"}]},
-    {"hosts": "a"},
-])
-def test_fleet_spec_errors_name_the_field(bad):
-    with pytest.raises(SpecError):
-        parse_fleet(bad)
-
-
-def test_shipped_specs_parse():
-    gpu = load_fleet(ROOT / "deployments" / "fleet.yaml")
-    assert gpu.slots and all(s.deployment == "fair-worker/gpu-worker" for s in gpu.slots)
-    sim = load_fleet(ROOT / "deployments" / "fleet-sim.yaml")
-    assert [s.name for s in sim.slots] == ["local-gpu0", "local-gpu1"]
-    assert all(s.parameters["device"] == "cpu" for s in sim.slots)
-    assert json.dumps([s.parameters for s in sim.slots])  # parameters travel as JSON
-
-
-def test_backoff_after_runs_that_fail_at_start():
-    import datetime as dt
-    from uuid import uuid4
-
-    from prefect.client.schemas.objects import FlowRun, State, StateType
-
-    from antenna_flows.tasks.fleet import backoff_s
-
-    now = dt.datetime.now(dt.timezone.utc)
-
-    def run(kind: StateType, ended_ago: float, lasted: float) -> FlowRun:
-        end = now - dt.timedelta(seconds=ended_ago)
-        return FlowRun(flow_id=uuid4(), state=State(type=kind, timestamp=end),
-                       start_time=end - dt.timedelta(seconds=lasted), end_time=end)
-
-    crashed = StateType.CRASHED
-    assert backoff_s([], now) == (0.0, 0)
-    assert backoff_s([run(crashed, 5, 3)], now) == (0.0, 1)  # one failed start: retry at once
-    wait, n = backoff_s([run(crashed, 5, 3), run(crashed, 40, 3)], now)
-    assert n == 2 and wait == pytest.approx(25, abs=1)  # 30 s after the last one
-    wait, n = backoff_s([run(StateType.FAILED, 5, 3)] + [run(crashed, 40 * i, 3) for i in range(1, 6)], now)
-    assert n == 6 and wait == pytest.approx(480 - 5, abs=1)  # 30 * 2**4
-    assert backoff_s([run(crashed, 5, 3)] * 20, now)[0] == pytest.approx(600 - 5, abs=1)  # capped
-    # A run that served a while before it crashed (a killed process) is replaced at once.
-    assert backoff_s([run(crashed, 5, 3600), run(crashed, 40, 3)], now) == (0.0, 0)
-    assert backoff_s([run(StateType.COMPLETED, 5, 3), run(crashed, 40, 3)], now) == (0.0, 0)

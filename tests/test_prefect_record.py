@@ -41,7 +41,7 @@ from antenna_flows.flows.worker import fair_worker
 
 pytestmark = pytest.mark.prefect
 
-PIPELINE = "panama_moths_2024"
+PIPELINE = "sim-panama_moths_2024"  # the sim model serves pipelines of its own
 REPO = Path(__file__).resolve().parents[1]
 RUN_WORKER = """
 import asyncio, json, sys
@@ -231,64 +231,6 @@ def _read_runs(env: dict[str, str], prefix: str) -> dict[str, str]:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-async def test_units_run_when_windows_cannot_start(caplog):
-    """A window that fails, or never starts, costs the work at most one grace period, then none."""
-    from antenna_flows.tasks.queue import WorkQueue
-
-    async def broken(number: int) -> None:
-        raise RuntimeError("Prefect task engine unavailable")
-
-    async def hung(number: int) -> None:
-        await asyncio.sleep(3600)
-
-    for open_window in (broken, hung):
-        queue = WorkQueue("plain-fallback", window_s=1.0, start_grace_s=0.2, open_window=open_window)
-        done: list[int] = []
-
-        async def unit(i: int) -> int:
-            done.append(i)
-            return i
-
-        started = time.monotonic()
-        results = [await queue.submit("post", lambda i=i: unit(i), [], f"post job 1 x{i}", {1: i}) for i in range(20)]
-        assert results == list(range(20)) and done == list(range(20))
-        assert time.monotonic() - started < 1.0  # the grace is paid once, not per unit
-        await queue.close(timeout_s=0.1)
-    assert caplog.text.count("Prefect record unavailable") == 2  # one line per worker, not per unit
-
-
-async def test_a_window_takes_concurrent_units_and_counts_them():
-    from antenna_flows.tasks.queue import WorkQueue
-
-    tallies: list[tuple[dict[str, Any], str]] = []
-    queue: WorkQueue
-
-    async def window(number: int) -> None:
-        tallies.append(await queue.serve(number, 0.5))
-
-    queue = WorkQueue("counting", window_s=0.5, open_window=window)
-    attempts = {"n": 0}
-
-    async def flaky_post() -> None:
-        attempts["n"] += 1
-        if attempts["n"] == 1:
-            raise ConnectionResetError("reset")
-
-    async def reserve() -> int:
-        return 3
-
-    await asyncio.gather(
-        queue.submit("post", flaky_post, [0.0], "post job 7 x4, job 8 x2", {7: 4, 8: 2}),
-        queue.submit("reserve", reserve, [], "reserve job 7 x3", {7: 3}),
-    )
-    await queue.close()
-    (summary, message), = tallies
-    assert summary["posts"] == 1 and summary["posted"] == 6 and summary["retries"] == 1
-    assert summary["reservations"] == 1 and summary["reserved"] == 3
-    assert summary["jobs"] == {"7": {"posted": 4, "asked": 3}, "8": {"posted": 2}}
-    assert "job 7: " in message and "1 retries" in message
-
-
 async def test_rollover_starts_the_next_run_of_the_deployment(prefect_server):
     """max_runtime_s ended a deployment's run: the next run is created with the same parameters.
 
@@ -299,7 +241,7 @@ async def test_rollover_starts_the_next_run_of_the_deployment(prefect_server):
 
     from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
 
-    from antenna_flows.flows.worker import _roll_over
+    from antenna_flows.orchestration.runs import roll_over
 
     deployment_id = await (await fair_worker.ato_deployment(name="rollover-test")).apply()
     params = {"worker_name": "gpu-host-0", "device": "cuda:0"}
@@ -307,8 +249,8 @@ async def test_rollover_starts_the_next_run_of_the_deployment(prefect_server):
         first = await client.create_flow_run_from_deployment(deployment_id, parameters=params, name="gpu-host-0")
         fleet = await client.create_flow_run_from_deployment(deployment_id, parameters=params, tags=["fleet"],
                                                              name="gpu-host-0")
-        await _roll_over(first, logging.getLogger("test"))
-        await _roll_over(fleet, logging.getLogger("test"))
+        await roll_over(first, logging.getLogger("test"))
+        await roll_over(fleet, logging.getLogger("test"))
         runs = await client.read_flow_runs(
             deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment_id])))
     assert len(runs) == 3  # the two above and one rollover
@@ -321,14 +263,14 @@ def test_a_subflow_engine_arms_the_graceful_stop_not_prefects_crash():
     """What each session subflow's engine installs for SIGTERM while a worker flow runs."""
     from prefect.utilities.engine import capture_sigterm
 
-    from antenna_flows.flows.worker import _on_sigterm, graceful_sigterm
+    from antenna_flows.orchestration.stopping import graceful_sigterm, on_sigterm
 
     before = signal.getsignal(signal.SIGTERM)
     with graceful_sigterm():
         with capture_sigterm():  # as the flow engine does when a (sub)flow run starts
-            assert signal.getsignal(signal.SIGTERM) is _on_sigterm
+            assert signal.getsignal(signal.SIGTERM) is on_sigterm
     with capture_sigterm():  # outside a worker flow Prefect's bridge is untouched
-        assert signal.getsignal(signal.SIGTERM) is not _on_sigterm
+        assert signal.getsignal(signal.SIGTERM) is not on_sigterm
     assert signal.getsignal(signal.SIGTERM) is before
 
 

@@ -3,12 +3,11 @@
 Jobs are processed by hand through the API (reserve, answer) so every number is known: the report
 must show the field report's columns, progress, the images/s between two reports, an ETA, the
 workers that served each job, and a last progress artifact for a job that finished in between.
+Its parts on their own: tests/test_queue_report_rows.py (pure), tests/test_queue_report_readers.py.
 """
 
 from __future__ import annotations
 
-import datetime as dt
-import json
 import time
 from typing import Any
 
@@ -20,13 +19,14 @@ from prefect import flow
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import ArtifactCollectionFilter, ArtifactCollectionFilterKey
 
+from antenna_flows.artifact_keys import QUEUE_REPORT, job_progress
 from antenna_flows.flows.queue_report import queue_report
-from antenna_flows.tasks.queue_stats import REPORT_KEY, human_duration, job_counts, parse_time, progress_key, table_rows
-from antenna_flows.tasks.report import publish_job_table
+from antenna_flows.queue_report.rows import human_duration, parse_time, table_rows
+from antenna_flows.tasks.artifacts import publish_job_table
 
 pytestmark = pytest.mark.prefect
 
-PIPELINE = "panama_moths_2024"
+PIPELINE = "sim-panama_moths_2024"  # the sim model serves pipelines of its own
 
 
 def success(task: dict[str, Any]) -> dict[str, Any]:
@@ -78,7 +78,7 @@ async def latest(client, key: str):
 
 
 async def report_rows(client) -> dict[int, dict[str, Any]]:
-    artifact = await latest(client, REPORT_KEY)
+    artifact = await latest(client, QUEUE_REPORT)
     assert artifact.type == "table"
     return {r["job_id"]: r for r in table_rows(artifact.data)}
 
@@ -120,7 +120,7 @@ async def test_queue_report_table_and_progress_artifacts(prefect_server, stack, 
         b = rows[502]
         assert (b["msgs"], b["pending"], b["ack_pending"], b["processed"], b["progress_pct"]) == (10, 7, 0, 3, 30.0), b
         assert b["workers"] == "gpu-b-gpu1"
-        progress = await latest(client, progress_key(501))
+        progress = await latest(client, job_progress(501))
         assert progress.type == "progress" and float(progress.data) == 35.0
         assert "7 of 20 images" in progress.description
 
@@ -143,35 +143,6 @@ async def test_queue_report_table_and_progress_artifacts(prefect_server, stack, 
         assert (a2["processed"], a2["pending"], a2["progress_pct"]) == (11, 8, 55.0)
         assert a2["eta_s"] == pytest.approx(9 / (4 / elapsed), rel=0.01), a2
         assert a2["eta"] == human_duration(a2["eta_s"])
-        assert float((await latest(client, progress_key(501))).data) == 55.0
-        done = await latest(client, progress_key(502))
+        assert float((await latest(client, job_progress(501))).data) == 55.0
+        done = await latest(client, job_progress(502))
         assert float(done.data) == 100.0 and "SUCCESS" in done.description
-
-
-def test_job_counts_reads_the_local_api_and_real_antenna_shapes():
-    local = {"id": 7, "pipeline_slug": "p", "status": "STARTED", "total": 50, "results": 20, "errors": 2}
-    assert (job_counts(7, local).total, job_counts(7, local).processed, job_counts(7, local).pipeline) == (50, 22, "p")
-    antenna = {
-        "id": 8,
-        "pipeline": {"slug": "panama_moths_2024"},
-        "status": "STARTED",
-        "progress": {
-            "summary": {"status": "STARTED", "progress": 0.3},
-            "stages": [
-                {"key": "collect", "params": [{"key": "total_images", "value": 100}]},
-                {"key": "process", "params": [
-                    {"name": "Processed", "key": "processed", "value": 30},
-                    {"name": "Remaining", "key": "remaining", "value": 70},
-                    {"name": "Failed", "key": "failed", "value": 5},
-                ]},
-            ],
-        },
-    }
-    counts = job_counts(8, antenna)
-    assert (counts.total, counts.results, counts.errors, counts.pipeline, counts.status) == (
-        100, 25, 5, "panama_moths_2024", "STARTED"
-    )
-    assert job_counts(9, None).processed is None
-    assert table_rows(json.dumps([{"a": 1}])) == [{"a": 1}]
-    assert human_duration(3725) == "1h02m" and human_duration(59.6) == "1m00s"
-    assert parse_time("2026-01-01T00:00:00.250Z") == dt.datetime(2026, 1, 1, 0, 0, 0, 250000, tzinfo=dt.timezone.utc)

@@ -1,8 +1,10 @@
-"""Which failures are retried, against real Prefect failed states and real task runs.
+"""Which failures are retried, and the one retry loop, against real Prefect failed states and task runs.
 
 5xx (``Unavailable``), timeouts and connection errors are retried; a 4xx
 (``AuthError``, ``Rejected``), any other exception, or a failed state holding
-no exception never are (the rule used to fail open on the last two).
+no exception never are (the rule used to fail open on the last two). One loop
+(``antenna_flows.orchestration.retry.retry``) serves plain runs and the units
+inside a ``serve-window`` task run alike.
 """
 
 from __future__ import annotations
@@ -14,14 +16,13 @@ import pytest
 import antenna_flows.prefect_env  # noqa: F401 - before prefect
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
+from prefect.filesystems import LocalFileSystem
 from prefect.results import ResultStore
 from prefect.states import Failed, exception_to_failed_state
-from prefect.testing.utilities import prefect_test_harness
 
 from antenna_flows.antenna_client import AuthError, Rejected, Unavailable
-from antenna_flows.orchestration import PlainOrchestrator, is_retryable
-from antenna_flows.tasks.queue import Unit, execute
-from antenna_flows.tasks.retry import retryable
+from antenna_flows.orchestration import PlainOrchestrator, is_retryable, retry, retryable
+from antenna_flows.orchestration.windows import Unit
 
 OUTAGES = [
     Unavailable("HTTP 503 from http://antenna/api/v2/jobs/1/result/"),
@@ -67,15 +68,9 @@ async def test_states_made_by_prefect_from_exceptions(exc, expected, tmp_path):
     """``exception_to_failed_state`` as the task engine calls it: the exception inside a result record."""
     plain = await exception_to_failed_state(exc)
     assert retryable(None, None, plain) is expected
-    store = ResultStore()
+    store = ResultStore(result_storage=LocalFileSystem(basepath=str(tmp_path)))  # no server asked for its default
     recorded = await exception_to_failed_state(exc, result_store=store, write_result=False)
     assert retryable(None, None, recorded) is expected
-
-
-@pytest.fixture(scope="module")
-def prefect_server():
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
 
 
 @pytest.mark.prefect
@@ -113,11 +108,28 @@ async def test_units_in_a_window_and_plain_runs_retry_the_same(exc, attempts):
         calls.append(1)
         raise exc
 
-    with pytest.raises(type(exc)):
-        await execute(Unit("post", fail, [0.0, 0.0], "post job 1 x1", {1: 1}))
+    with pytest.raises(type(exc)) as raised:
+        await Unit("post", fail, [0.0, 0.0], "post job 1 x1", {1: 1}).run()
     assert len(calls) == attempts
+    assert raised.value.retries_taken == attempts - 1  # what the window's tally counts
     calls.clear()
     plain = PlainOrchestrator(post_retries=2, post_retry_delay_s=0.001)
     with pytest.raises(type(exc)):
         await plain.post(fail, "post job 1 x1")
     assert len(calls) == attempts
+
+
+async def test_the_retry_loop_returns_the_retries_it_took():
+    calls = []
+
+    async def twice_down() -> str:
+        calls.append(1)
+        if len(calls) <= 2:
+            raise Unavailable("HTTP 503")
+        return "posted"
+
+    assert await retry(twice_down, [0.0, 0.0, 0.0], "post job 1 x1") == ("posted", 2)
+    calls.clear()
+    with pytest.raises(Unavailable) as raised:  # more outages than delays: the last one is raised
+        await retry(twice_down, [0.0], "post job 1 x1")
+    assert len(calls) == 2 and raised.value.retries_taken == 1

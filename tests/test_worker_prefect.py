@@ -17,11 +17,11 @@ from prefect.client.schemas.filters import FlowRunFilter
 from antenna_lab.antenna.admin import AsyncAntennaAdmin
 from antenna_lab.bench.drain_flow import drain_worker
 from antenna_flows.flows.worker import fair_worker
-from antenna_flows.tasks.report import artifact_key
+from antenna_flows.artifact_keys import worker_table
 
 pytestmark = pytest.mark.prefect
 
-PIPELINE = "panama_moths_2024"
+PIPELINE = "sim-panama_moths_2024"  # the sim model serves pipelines of its own
 
 
 def overrides(stack: Any, **extra: Any) -> dict[str, Any]:
@@ -72,7 +72,7 @@ async def test_fair_worker_flow_records_sessions_tasks_and_a_job_table(prefect_s
         messages = " ".join(t.state.message or "" for t in windows)
         assert "posts (" in messages and "job 301:" in messages and "job 302:" in messages, messages
         artifact = await client.read_latest_artifacts()
-        ours = [a for a in artifact if a.key == artifact_key(worker_name)]
+        ours = [a for a in artifact if a.key == worker_table(worker_name)]
         assert ours, [a.key for a in artifact]
         rows = ours[0].data if isinstance(ours[0].data, list) else __import__("json").loads(ours[0].data)
         by_job = {r["job_id"]: r for r in rows}

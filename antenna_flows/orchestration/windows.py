@@ -1,23 +1,23 @@
 """A worker's units of work (reservation rounds, result posts), recorded by Prefect a window at a time.
 
-A task run per reservation round and per batch post made Prefect's record
-grow with the images (~7 KB of database per image at 70 images/s: ~40 GB per
-GPU-day). Here a task run is a *window* of work instead: ``serve-window``
-takes every unit the worker hands over for up to ``window_s`` seconds, runs
-each at once and concurrently, each with its own retries (outages only, see
-``tasks/retry.py``), and returns what happened: units, counts per job,
-retries taken, failures, in its Completed state's message (visible in the UI)
-and data. The record then grows with time, not images: at most one task run
+A task run per reservation round and per batch post made Prefect's record grow with the images
+(~7 KB of database per image at 70 images/s: ~40 GB per GPU-day). Here a task run is a *window*
+of work instead: the ``serve-window`` task (``tasks/serve_window.py``) takes every unit the worker
+hands over for up to ``window_s`` seconds, runs each at once and concurrently, each with its own
+retries (:func:`~antenna_flows.orchestration.retry.retry`: outages only), and returns what
+happened: units, counts per job, retries taken, failures, in its Completed state's message
+(visible in the UI) and data. The record then grows with time, not images: at most one task run
 per ``window_s`` of steady work (30 s by default), none while idle.
 
-The task run takes data only (worker name, window number, length): the
-worker's live units come from :data:`QUEUES`, a registry by worker name, as
-the session subflow's body does (``flows/worker.py``).
+The task run takes data only (worker name, window number, length): the worker's live units come
+from :data:`WINDOWS`, a registry by worker name, as the session subflow's body comes from
+:data:`~antenna_flows.orchestration.prefect.SESSIONS`.
 
-Prefect is not the data plane: a unit no window has taken within
-``start_grace_s`` (Prefect slow or down) is run plainly by the caller, with
-the same retries, and one warning line; a window that cannot start hands its
-units back the same way.
+Prefect is not the data plane: a unit no window has taken within ``start_grace_s`` (Prefect slow
+or down) is run plainly by the caller, with the same retries, and one warning line; a window that
+cannot start hands its units back the same way.
+
+Pure asyncio, no Prefect import: how a window is opened is the caller's (``open_window``).
 """
 
 from __future__ import annotations
@@ -31,12 +31,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable
 
-import antenna_flows.prefect_env  # noqa: F401 - before prefect
-from prefect import task
-from prefect.cache_policies import NO_CACHE
-from prefect.states import Completed
-
-from antenna_flows.tasks.retry import is_retryable
+from antenna_flows.orchestration.retry import retry
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +54,10 @@ class Unit:
     jobs: dict[int, int]  # reserve: tasks wanted per job; post: results per job
     future: asyncio.Future[Any] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
     taken: bool = False
+
+    async def run(self) -> tuple[Any, int]:
+        """Call it with its retries: (result, retries taken); raises after the last."""
+        return await retry(self.fn, self.delays, self.label)
 
 
 @dataclass
@@ -109,27 +108,12 @@ class Tally:
                 f"({self.posted} results), {self.retries} retries, {self.failed} failed; {jobs}")[:1500]
 
 
-async def execute(unit: Unit) -> tuple[Any, int]:
-    """Call the unit, retrying outages on its delays; returns (result, retries taken); raises after the last."""
-    retries = 0
-    for delay in [*unit.delays, None]:
-        try:
-            return await unit.fn(), retries
-        except Exception as exc:
-            if delay is None or not is_retryable(exc):
-                try:
-                    exc.retries_taken = retries  # type: ignore[attr-defined]
-                except AttributeError:
-                    pass
-                raise
-            log.warning("%s failed (attempt %d/%d): %s; retrying in %.2fs",
-                        unit.label, retries + 1, len(unit.delays) + 1, exc, delay)
-            retries += 1
-            await asyncio.sleep(delay)
-    raise AssertionError("unreachable")
+def jobs_of_label(label: str) -> dict[int, int]:
+    """``post job 1 x4, job 2 x3`` -> {1: 4, 2: 3} (the worker's label for a batch's post)."""
+    return {int(j): int(n) for j, n in _LABEL_JOB.findall(label)}
 
 
-class WorkQueue:
+class Windows:
     """One worker's units waiting for a window, the window that takes them, and the plain fallback."""
 
     def __init__(self, worker: str, window_s: float = WINDOW_S, start_grace_s: float = START_GRACE_S,
@@ -144,7 +128,7 @@ class WorkQueue:
         self.context = context  # windows are task runs of the worker's flow run, whoever's unit opens them
         self.accepting: int | None = None  # the window taking units now
         self.closed = False
-        self.windows = 0
+        self.opened = 0  # windows opened so far (the last one's number)
         self.plain_units = 0
         self.plain_until = 0.0  # after a window failed or came late: units run plainly until then
         self._open: set[asyncio.Task[Any]] = set()
@@ -158,7 +142,7 @@ class WorkQueue:
         if time.monotonic() < self.plain_until:  # windows failed a moment ago: do not wait on them
             unit.taken = True
             self.plain_units += 1
-            return (await execute(unit))[0]
+            return (await unit.run())[0]
         self.pending.append(unit)
         self._arrived.set()
         self._ensure_window()
@@ -171,14 +155,13 @@ class WorkQueue:
         self._warn(f"no window took {unit.label!r} within {self.start_grace_s:g}s")
         self.plain_until = time.monotonic() + PLAIN_FOR_S
         self.plain_units += 1
-        result, _ = await execute(unit)
-        return result
+        return (await unit.run())[0]
 
     def _ensure_window(self) -> None:
         if self.open_window is None or self.accepting is not None or self.closed:
             return
-        self.windows += 1
-        number = self.windows
+        self.opened += 1
+        number = self.opened
         self.accepting = number  # claimed at once, so concurrent units do not open a window each
         window = asyncio.get_running_loop().create_task(
             self._window(number), name=f"{self.worker}-window-{number}", context=self.context)
@@ -222,7 +205,7 @@ class WorkQueue:
     # --- the window's side (inside the task run) -----------------------------------------
 
     async def serve(self, number: int, seconds: float) -> tuple[dict[str, Any], str]:
-        """Take units for ``seconds``, run each at once; wait for those taken; return the tally."""
+        """Take units for ``seconds``, run each at once; wait for those taken; return (summary, message)."""
         loop = asyncio.get_running_loop()
         started = loop.time()
         deadline = started + seconds
@@ -258,7 +241,7 @@ class WorkQueue:
 
     async def _run(self, unit: Unit, tally: Tally) -> None:
         try:
-            result, retries = await execute(unit)
+            result, retries = await unit.run()
         except BaseException as exc:  # noqa: BLE001 - handed to the worker, which settles it
             tally.add(unit, None, getattr(exc, "retries_taken", 0), failed=True)
             if not unit.future.done():
@@ -269,22 +252,5 @@ class WorkQueue:
             unit.future.set_result(result)
 
 
-QUEUES: dict[str, WorkQueue] = {}
-
-
-def jobs_of_label(label: str) -> dict[int, int]:
-    """``post job 1 x4, job 2 x3`` -> {1: 4, 2: 3} (the worker's label for a batch's post)."""
-    return {int(j): int(n) for j, n in _LABEL_JOB.findall(label)}
-
-
-@task(
-    name="serve-window",
-    task_run_name="{worker}-window-{number}",
-    retries=0,  # each unit inside retries on its own
-    cache_policy=NO_CACHE,
-    persist_result=False,
-)
-async def serve_window(worker: str, number: int, seconds: float) -> Any:
-    """Every reservation round and result post of ``worker`` for up to ``seconds``; counts per job, retries."""
-    summary, message = await QUEUES[worker].serve(number, seconds)
-    return Completed(message=message, data=summary)
+# The windows of every worker of this process, by worker name (the serve-window task looks its own up).
+WINDOWS: dict[str, Windows] = {}

@@ -1,9 +1,12 @@
 """How a worker flow run stops: SIGTERM and cancels end it gracefully, never Crashed.
 
-Prefect's flow engine turns SIGTERM into ``TerminationSignal`` (a crash mid-batch).
-While a worker flow runs, SIGTERM instead calls the worker's graceful stop: the
-batch in flight is finished and posted, the rest released; the run ends
-Completed, or Cancelled when the runner says the SIGTERM is a cancel from the UI.
+Prefect's flow engine turns SIGTERM into ``TerminationSignal`` (a crash mid-batch). While a worker
+flow runs, SIGTERM instead calls the worker's graceful stop: the batch in flight is finished and
+posted, the rest released; the run ends Completed, or Cancelled when the runner says the SIGTERM is
+a cancel from the UI (:func:`cancel_requested`).
+
+:data:`STOPPERS` is the process's registry of running workers (a signal handler has no other way to
+find them); it lives here, imported once by name, never in a flow file Prefect may load twice.
 """
 
 from __future__ import annotations
@@ -15,19 +18,30 @@ from typing import Any, Callable, Iterator
 
 CANCEL_READ_TIMEOUT_S = 10.0  # reading the run's state to tell a cancel from a plain SIGTERM
 
-# --- SIGTERM: the worker's graceful stop, not Prefect's crash --------------------------------
+# Every worker running in this process, by name: (its event loop, its graceful stop).
+STOPPERS: dict[str, tuple[asyncio.AbstractEventLoop, Callable[[str], None]]] = {}
 
-_STOPPERS: dict[str, tuple[asyncio.AbstractEventLoop, Callable[[str], None]]] = {}
 
-
-def _on_sigterm(signum: int, frame: Any) -> None:
+def on_sigterm(signum: int, frame: Any) -> None:
     """Stop every worker of this process gracefully (runs in the main thread, between bytecodes)."""
-    reason = "SIGTERM (cancel requested)" if _cancel_intent() else "SIGTERM"
-    for loop, stop in list(_STOPPERS.values()):
+    reason = "SIGTERM (cancel requested)" if cancel_intent() else "SIGTERM"
+    for loop, stop in list(STOPPERS.values()):
         try:
             loop.call_soon_threadsafe(stop, reason)
         except RuntimeError:  # that worker's loop is closed: nothing left to stop
             pass
+
+
+@contextlib.contextmanager
+def stops_on_sigterm(worker: str, stop: Callable[[str], None]) -> Iterator[None]:
+    """While the body runs (the worker flow's lifetime, on its event loop), SIGTERM calls ``stop``."""
+    STOPPERS[worker] = (asyncio.get_running_loop(), stop)
+    take_over_sigterm()
+    try:
+        with graceful_sigterm():
+            yield
+    finally:
+        STOPPERS.pop(worker, None)
 
 
 @contextlib.contextmanager
@@ -39,14 +53,14 @@ def graceful_sigterm() -> Iterator[None]:
     session body can call :func:`take_over_sigterm`: a SIGTERM landing there would still raise
     ``TerminationSignal`` into whatever the event loop was doing. Pointing that name at the
     graceful stop closes the gap. Prefect is pinned (3.9.1); if the name is gone, the
-    per-subflow take-over above still covers all but those milliseconds.
+    per-subflow take-over still covers all but those milliseconds.
     """
     import prefect.utilities.engine as engine
 
     original = getattr(engine, "_prefect_sigterm_handler", None)
-    patched = original is not None and original is not _on_sigterm
+    patched = original is not None and original is not on_sigterm
     if patched:
-        engine._prefect_sigterm_handler = _on_sigterm  # type: ignore[attr-defined]
+        engine._prefect_sigterm_handler = on_sigterm  # type: ignore[attr-defined]
     try:
         yield
     finally:
@@ -58,14 +72,13 @@ def take_over_sigterm() -> None:
     """Make SIGTERM stop the worker instead of raising Prefect's ``TerminationSignal``.
 
     Prefect's flow engine installs a handler raising ``TerminationSignal``
-    (``prefect.utilities.engine.capture_sigterm``) when a flow run starts, and
-    every subflow re-installs it if someone replaced it: the worker's own
-    handler is then pre-empted and the run Crashes mid-batch. Called first
-    thing in the worker flow and in each session subflow, this puts the
-    graceful stop back; the engine restores it when a subflow ends.
+    (``prefect.utilities.engine.capture_sigterm``) when a flow run starts, and every subflow
+    re-installs it if someone replaced it: the worker's own handler is then pre-empted and the
+    run Crashes mid-batch. Called first thing in the worker flow and in each session subflow,
+    this puts the graceful stop back; the engine restores it when a subflow ends.
     """
     try:
-        signal.signal(signal.SIGTERM, _on_sigterm)
+        signal.signal(signal.SIGTERM, on_sigterm)
     except ValueError:  # not the main thread: the worker's loop handler (if any) is all there is
         pass
 
@@ -76,7 +89,7 @@ except Exception:  # noqa: BLE001 - private API: absent means no intent (the API
     _get_intent = None
 
 
-def _cancel_intent() -> bool:
+def cancel_intent() -> bool:
     """Did the runner say this SIGTERM is a cancel from the UI/API?"""
     try:
         return _get_intent is not None and _get_intent() == "cancel"
@@ -84,8 +97,9 @@ def _cancel_intent() -> bool:
         return False
 
 
-async def _cancel_requested(flow_run_id: Any) -> bool:
-    if _cancel_intent():
+async def cancel_requested(flow_run_id: Any) -> bool:
+    """Was the SIGTERM that stopped this run a cancel (the runner said so, or the run is Cancelling)?"""
+    if cancel_intent():
         return True
     try:
         from prefect.client.orchestration import get_client

@@ -1,6 +1,6 @@
 """The fleet spec: which fair-worker runs should exist (hosts x GPUs x pipelines), and helpers around it.
 
-A spec is a YAML (or JSON) file in this folder, e.g. ``deployments/fleet.yaml``::
+A spec is a YAML (or JSON) file, by default ``deployments/fleet.yaml``::
 
     deployment: fair-worker/gpu-worker   # the worker deployment every slot runs (per host: override)
     stale_after_s: 600                    # Running with no heartbeat this long: marked Crashed (0: never)
@@ -16,9 +16,9 @@ Each (host, GPU) is a *slot* named ``<host>-gpu<N>``: one fair-worker run
 with concurrency 1, so a GPU never runs two workers even if two runs exist.
 The host's Prefect worker polls only its own slots' queues::
 
-    python -m antenna_flows.deployments.fleet worker-command gpu-a      # prints the prefect worker start line
+    python -m antenna_flows.fleet worker-command gpu-a      # prints the prefect worker start line
 
-Pure Python (no Prefect import): the keeper flow (flows/fleet.py) and the tests use it.
+Pure Python (no Prefect import): the keeper (:mod:`antenna_flows.fleet.keeper`) and the tests use it.
 """
 
 from __future__ import annotations
@@ -34,9 +34,8 @@ from typing import Any
 
 import yaml
 
-HERE = Path(__file__).resolve().parent
-PROJECT_ROOT = HERE.parent
-DEFAULT_SPEC = HERE / "fleet.yaml"
+PROJECT_ROOT = Path(__file__).resolve().parents[2]  # the checkout (ANTENNA_FLOWS_HOME on a host)
+DEFAULT_SPEC = PROJECT_ROOT / "deployments" / "fleet.yaml"
 SPEC_ENV = "ANTENNA_FLEET_SPEC"
 FLEET_TAG = "fleet"
 SLOT_TAG_PREFIX = "fleet-slot:"
@@ -74,6 +73,8 @@ class Slot:
 
 @dataclass(frozen=True)
 class Fleet:
+    """Every slot of a spec, and how long a Running slot may be silent before the keeper calls it lost."""
+
     slots: list[Slot]
     stale_after_s: float = DEFAULT_STALE_AFTER_S
     source: str = ""
@@ -183,7 +184,7 @@ def worker_command(fleet: Fleet, host: str, pool: str | None = None) -> list[str
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m antenna_flows.deployments.fleet", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m antenna_flows.fleet", description=__doc__.split("\n\n")[0])
     parser.add_argument("--spec", default=None, help=f"fleet spec (default: ${SPEC_ENV} or {DEFAULT_SPEC})")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("slots", help="list the slots of the spec")

@@ -1,44 +1,20 @@
-"""What the fleet-wide queue report reads, and how it turns readings into rows (flows/queue_report.py).
+"""How the queue report turns readings into rows and words (pure: no I/O).
 
-Sources, all of which work against the local API and the real Antenna alike:
-
-- Antenna ``GET /jobs/?ids_only=1&incomplete_only=1`` (the worker's own query, every pipeline): which
-  jobs are incomplete;
-- Antenna ``GET /jobs/{id}/``: the job's size and how many images got a result or an error. The local
-  API answers ``total``/``results``/``errors``; the real Antenna answers ``progress.stages[]`` whose
-  ``process`` stage has ``processed``/``remaining``/``failed`` params (ami/jobs/tasks.py
-  ``_update_job_progress``): both are read (:func:`job_counts`);
-- NATS JetStream, the job's consumer: msgs, pending, ack_pending, redelivered (the field report's
-  columns) and cumulative redeliveries;
-- Prefect: the workers' per-job table artifacts ``worker-<name>-jobs`` (which workers served a job),
-  and this report's previous artifact (the previous reading, for images/s and the ETA).
+A job's counts come from Antenna's job object, which the local API and the real Antenna shape
+differently (:func:`job_counts` reads both); its queue columns from the job's NATS consumer (the
+field report's columns: msgs, pending, ack_pending, redelivered) or, where NATS could not be read,
+from the job object when it carries them. Images/s compares each job's answered images with the
+previous report's reading (its ``read_at`` and ``processed``), so the report keeps no state of its own.
 """
 
 from __future__ import annotations
 
-import asyncio
 import datetime as dt
 import json
-import logging
-import re
 from dataclasses import dataclass
 from typing import Any
 
-import httpx
-
-from antenna_flows.antenna_client import AntennaClient
-from antenna_flows.jetstream import ConsumerStats, JobQueue, StreamGone
-
-log = logging.getLogger(__name__)
-
-REPORT_KEY = "queue-report"
-WORKER_KEY = re.compile(r"^worker-(?P<name>[a-z0-9-]+)-jobs$")
-STATS_TIMEOUT_S = 5.0
-DETAIL_CONCURRENCY = 8
-
-
-def progress_key(job_id: int) -> str:
-    return f"job-{job_id}-progress"
+from antenna_flows.jetstream import ConsumerStats
 
 
 @dataclass
@@ -77,7 +53,12 @@ def _stage_params(stage: dict[str, Any]) -> dict[str, Any]:
 
 
 def job_counts(job_id: int, detail: dict[str, Any] | None, pipeline: str | None = None) -> JobCounts:
-    """Read a ``GET /jobs/{id}/`` answer of the local API or of the real Antenna (missing fields: None)."""
+    """Read a ``GET /jobs/{id}/`` answer of the local API or of the real Antenna (missing fields: None).
+
+    The local API answers ``total``/``results``/``errors``; the real Antenna answers
+    ``progress.stages[]`` whose ``process`` stage has ``processed``/``remaining``/``failed`` params
+    (ami/jobs/tasks.py ``_update_job_progress``).
+    """
     counts = JobCounts(job_id=job_id, pipeline=pipeline)
     if not isinstance(detail, dict):
         return counts
@@ -113,62 +94,6 @@ def job_counts(job_id: int, detail: dict[str, Any] | None, pipeline: str | None 
     return counts
 
 
-async def incomplete_jobs(api_url: str, token: str, timeout_s: float = 30.0) -> list[tuple[int, str | None]]:
-    """(job id, pipeline slug) of every incomplete async job, as the workers query them."""
-    client = AntennaClient(api_url, token, timeout_s=timeout_s, worker_name="queue-report")
-    try:
-        jobs = await client.list_jobs(None)
-    finally:
-        await client.aclose()
-    return sorted({(j.id, j.pipeline_slug) for j in jobs})
-
-
-async def job_details(api_url: str, token: str, job_ids: list[int], timeout_s: float = 30.0) -> dict[int, dict[str, Any]]:
-    """``GET /jobs/{id}/`` of each job (a job that fails to answer is left out)."""
-    out: dict[int, dict[str, Any]] = {}
-    limit = asyncio.Semaphore(DETAIL_CONCURRENCY)
-    async with httpx.AsyncClient(
-        base_url=api_url.rstrip("/"), headers={"Authorization": f"Token {token}"}, timeout=timeout_s
-    ) as http:
-
-        async def one(job_id: int) -> None:
-            async with limit:
-                try:
-                    response = await http.get(f"/jobs/{job_id}/")
-                    response.raise_for_status()
-                    out[job_id] = response.json()
-                except (httpx.HTTPError, ValueError) as exc:
-                    log.warning("GET /jobs/%s/: %s", job_id, exc)
-
-        await asyncio.gather(*(one(j) for j in job_ids))
-    return out
-
-
-async def queue_stats(nats_url: str, job_ids: list[int]) -> tuple[dict[int, ConsumerStats], str | None]:
-    """The consumer statistics of each job's stream; (stats, None) or ({}, why NATS could not be read)."""
-    try:
-        queue = await asyncio.wait_for(
-            JobQueue.connect(nats_url, name="queue-report"), STATS_TIMEOUT_S
-        )
-    except Exception as exc:  # noqa: BLE001 - a report without NATS columns beats no report
-        return {}, f"NATS {nats_url} unreachable: {type(exc).__name__}: {exc}"
-    out: dict[int, ConsumerStats] = {}
-    try:
-        for job_id in job_ids:
-            try:
-                out[job_id] = await asyncio.wait_for(queue.stats(job_id), STATS_TIMEOUT_S)
-            except StreamGone:
-                continue
-            except Exception as exc:  # noqa: BLE001
-                log.warning("stats of job %s: %s", job_id, exc)
-    finally:
-        try:
-            await asyncio.wait_for(queue.close(), STATS_TIMEOUT_S)
-        except Exception:  # noqa: BLE001 - closing anyway
-            pass
-    return out, None
-
-
 def table_rows(data: Any) -> list[dict[str, Any]]:
     """A table artifact's data as a list of row dicts (stored as JSON text or as a list)."""
     if isinstance(data, str):
@@ -181,43 +106,14 @@ def table_rows(data: Any) -> list[dict[str, Any]]:
     return [r for r in data if isinstance(r, dict)] if isinstance(data, list) else []
 
 
-async def previous_report(client: Any) -> list[dict[str, Any]]:
-    """The rows of the latest ``queue-report`` artifact ([] if none)."""
-    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
-    from prefect.client.schemas.sorting import ArtifactSort
-
-    artifacts = await client.read_artifacts(
-        artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[REPORT_KEY])),
-        sort=ArtifactSort.CREATED_DESC,
-        limit=1,
-    )
-    return table_rows(artifacts[0].data) if artifacts else []
-
-
-async def workers_by_job(client: Any) -> dict[int, list[str]]:
-    """Which workers served each job, from the latest ``worker-<name>-jobs`` table of every worker."""
-    from prefect.client.schemas.filters import ArtifactCollectionFilter, ArtifactCollectionFilterKey
-
-    served: dict[int, set[str]] = {}
-    offset = 0
-    while True:
-        page = await client.read_latest_artifacts(
-            artifact_filter=ArtifactCollectionFilter(key=ArtifactCollectionFilterKey(like_="worker-%-jobs")),
-            limit=200,
-            offset=offset,
-        )
-        for artifact in page:
-            match = WORKER_KEY.match(artifact.key or "")
-            if not match:
-                continue
-            for row in table_rows(artifact.data):
-                job_id = _int(row.get("job_id"))
-                if job_id is not None and ((_int(row.get("images")) or 0) + (_int(row.get("errors")) or 0)) > 0:
-                    served.setdefault(job_id, set()).add(match["name"])
-        if len(page) < 200:
-            break
-        offset += 200
-    return {job: sorted(names) for job, names in served.items()}
+def served_jobs(rows: list[dict[str, Any]]) -> set[int]:
+    """The jobs a worker's table says it answered at least one image of."""
+    served = set()
+    for row in rows:
+        job_id = _int(row.get("job_id"))
+        if job_id is not None and ((_int(row.get("images")) or 0) + (_int(row.get("errors")) or 0)) > 0:
+            served.add(job_id)
+    return served
 
 
 def iso_time(ts: dt.datetime) -> str:
@@ -278,7 +174,7 @@ def build_rows(
         remaining = max(0, total - processed) if total is not None and processed is not None else None
         eta_s = remaining / rate if rate and remaining is not None else (0.0 if remaining == 0 else None)
 
-        def queue_field(name: str) -> int | None:
+        def consumer_field(name: str) -> int | None:
             if s is not None:
                 return int(getattr(s, name))
             return _int(detail.get(name)) if isinstance(detail, dict) else None  # local API: sampled stats
@@ -292,11 +188,11 @@ def build_rows(
                 "images_per_s_1m": None if rate is None else round(rate, 3),
                 "eta": human_duration(eta_s),
                 "workers": ", ".join(served.get(job_id, [])),
-                "msgs": queue_field("messages"),
-                "pending": queue_field("pending"),
-                "ack_pending": queue_field("ack_pending"),
-                "redelivered": queue_field("redelivered"),
-                "redeliveries": queue_field("redeliveries"),
+                "msgs": consumer_field("messages"),
+                "pending": consumer_field("pending"),
+                "ack_pending": consumer_field("ack_pending"),
+                "redelivered": consumer_field("redelivered"),
+                "redeliveries": consumer_field("redeliveries"),
                 "results": counts.results,
                 "errors": counts.errors,
                 "processed": processed,
@@ -308,7 +204,24 @@ def build_rows(
     return rows
 
 
+def report_description(now: dt.datetime, rows: list[dict[str, Any]], nats_problem: str | None) -> str:
+    """The table's headline: jobs, how many progress, images/s in all, images waiting and reserved."""
+    active = sum(1 for r in rows if (r.get("images_per_s_1m") or 0) > 0)
+    return (
+        f"**Queue** at {now:%Y-%m-%d %H:%M:%S} UTC: {len(rows)} incomplete jobs, {active} progressing, "
+        f"{total_rate(rows):.2f} images/s in all since the previous report; "
+        f"{sum(r.get('pending') or 0 for r in rows)} images pending, "
+        f"{sum(r.get('ack_pending') or 0 for r in rows)} reserved (ack_pending)"
+        + (f". {nats_problem}" if nats_problem else ".")
+    )
+
+
+def total_rate(rows: list[dict[str, Any]]) -> float:
+    return sum(r.get("images_per_s_1m") or 0 for r in rows)
+
+
 def progress_description(row: dict[str, Any]) -> str:
+    """The words under a job's progress bar while it is incomplete."""
     rate = row.get("images_per_s_1m")
     parts = [
         f"**job {row['job_id']}** ({row.get('pipeline') or '?'}, {row.get('status') or '?'}): "
@@ -321,3 +234,17 @@ def progress_description(row: dict[str, Any]) -> str:
     if row.get("workers"):
         parts.append(f"workers: {row['workers']}")
     return ", ".join(parts) + f" (as of {row.get('read_at')})."
+
+
+def final_progress(counts: JobCounts, now: dt.datetime) -> tuple[float, str]:
+    """A job that left the incomplete list: its last progress (100 % unless it stopped short) and words."""
+    total, done = counts.total, counts.processed
+    pct = 100.0 * done / total if total and done is not None else 100.0
+    return pct, (f"**job {counts.job_id}** ({counts.pipeline or '?'}): {counts.status or 'finished'}, "
+                 f"{done if done is not None else '?'} of {total or '?'} images, {counts.errors or 0} errors "
+                 f"(as of {iso_time(now)}).")
+
+
+def jobs_gone(previous: list[dict[str, Any]], incomplete: list[int]) -> list[int]:
+    """Jobs in the previous report that are no longer incomplete."""
+    return sorted({int(r["job_id"]) for r in previous if r.get("job_id") is not None} - set(incomplete))
