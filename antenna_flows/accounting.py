@@ -28,6 +28,8 @@ class JobLedger:
     released: int = 0  # handed back with nak (stop, outage)
     dropped: int = 0  # discarded because the job's stream vanished (completed or cancelled)
     terminated: int = 0  # poison tasks Antenna accepts no answer for (term: never redelivered)
+    saved: int = 0  # redeliveries held while Antenna's late save of the earlier answer acked them (not answered twice)
+    posts: int = 0  # result posts made for this job (requests to Antenna)
     max_reserved_idle_s: float = 0.0  # longest wait from reservation to inference start
     first_reserved_at: float | None = None
     last_posted_at: float | None = None
@@ -85,6 +87,9 @@ class Ledger:
         entry.images += ok
         entry.errors += errors
         entry.last_posted_at = self.clock()
+
+    def post_made(self, job_id: int) -> None:
+        self.job(job_id).posts += 1
 
     def count(self, job_id: int, what: str, n: int = 1) -> None:
         entry = self.job(job_id)

@@ -172,17 +172,28 @@ class AntennaClient:
             if not rows or not isinstance(count, int) or offset >= count or offset >= PROJECTS_MAX:
                 return projects
 
-    async def list_jobs(self, pipelines: list[str] | None = None, limit: int | None = JOBS_PAGE_LIMIT) -> list[JobListItem]:
-        """Incomplete async jobs for these pipelines. ``limit=None`` is Antenna's default (one random job)."""
-        params: dict[str, Any] = {"ids_only": 1, "incomplete_only": 1, "dispatch_mode": "async_api"}
+    async def list_jobs(self, pipelines: list[str] | None = None, limit: int | None = JOBS_PAGE_LIMIT,
+                        progress: bool = False) -> list[JobListItem]:
+        """Incomplete async jobs for these pipelines. ``limit=None`` is Antenna's default (one random job).
+
+        ``progress``: the full list (no ``ids_only``), whose rows carry each job's progress, so one
+        request also tells how many answers Antenna has saved per job (the REST path's pacing signal).
+        Antenna counts only ``ids_only`` polls (and ``/tasks``, ``/result``) as a service's liveness.
+        """
+        params: dict[str, Any] = {"incomplete_only": 1, "dispatch_mode": "async_api"}
+        if not progress:
+            params["ids_only"] = 1
         if pipelines:
             params["pipeline__slug__in"] = ",".join(pipelines)
         if limit is not None:
             params["limit"] = limit
         response = await self._request("GET", "/jobs/", params=params)
         try:
-            return JobListResponse.model_validate(response.json()).results
-        except (ValueError, ValidationError) as exc:
+            if not progress:
+                return JobListResponse.model_validate(response.json()).results
+            rows = response.json()["results"]
+            return [JobListItem.from_full_row(row) for row in rows]
+        except (ValueError, ValidationError, KeyError, TypeError) as exc:
             raise Unavailable(f"GET /jobs/: unreadable answer: {exc}") from exc
 
     async def reserve_tasks(self, job_id: int, batch_size: int) -> list[PipelineProcessingTask]:

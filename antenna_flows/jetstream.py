@@ -93,7 +93,8 @@ class AckSubject:
     consumer: str
     num_delivered: int
     stream_seq: int
-    consumer_seq: int
+    consumer_seq: int  # deliveries the consumer had made, all clients together: a fleet's share shows in it
+    pending: int | None = None  # messages not yet delivered when this one was (the consumer's num_pending)
 
 
 def parse_ack_subject(reply: str) -> AckSubject | None:
@@ -114,6 +115,7 @@ def parse_ack_subject(reply: str) -> AckSubject | None:
             num_delivered=int(tokens[offset + 2]),
             stream_seq=int(tokens[offset + 3]),
             consumer_seq=int(tokens[offset + 4]),
+            pending=int(tokens[offset + 6]) if len(tokens) > offset + 6 else None,
         )
     except ValueError:
         return None
@@ -137,6 +139,12 @@ class ConsumerStats:
     deliveries: int
     ack_wait_s: float
     max_deliver: int
+    ack_floor: int = 0  # every message up to this stream sequence is acked (saved, for Antenna's tasks)
+
+    @property
+    def done(self) -> int:
+        """Messages delivered and no longer awaiting an ack: Antenna saved (acked) them, or they were terminated."""
+        return max(0, self.delivered_msgs - self.ack_pending)
 
     @property
     def redeliveries(self) -> int:
@@ -170,6 +178,11 @@ class Reservation:
     def stream_seq(self) -> int | None:
         info = parse_ack_subject(self.reply_subject or "")
         return info.stream_seq if info else None
+
+    @property
+    def ack_info(self) -> AckSubject | None:
+        """Everything the reply subject tells (delivery count, sequences, what was still pending)."""
+        return parse_ack_subject(self.reply_subject or "")
 
     @property
     def image_id(self) -> str | None:
@@ -266,6 +279,7 @@ class JobQueue:
             deliveries=info.delivered.consumer_seq if info.delivered else 0,
             ack_wait_s=float(info.config.ack_wait or self.config.ack_wait_s),
             max_deliver=int(info.config.max_deliver or -1),
+            ack_floor=info.ack_floor.stream_seq if info.ack_floor else 0,
         )
 
     async def reserve(self, job_id: int, n: int) -> list[Reservation]:

@@ -134,8 +134,9 @@ class FairScheduler:
 
     # --- availability ----------------------------------------------------------------
 
-    def mark_dry(self, job_id: int) -> None:
-        """A reservation found nothing: back off probing this job (0.1 s doubling to 2 s)."""
+    def mark_dry(self, job_id: int, at_least_s: float = 0.0) -> None:
+        """A reservation found nothing: back off probing this job (0.1 s doubling to 2 s, or ``at_least_s``:
+        a job whose queue said nothing is left undelivered needs probing only for redeliveries)."""
         entry = self.jobs.get(job_id)
         if entry is None:
             return
@@ -143,7 +144,8 @@ class FairScheduler:
         if entry.dry_since is None:
             entry.dry_since = now
         entry.dry_streak += 1
-        entry.dry_until = now + min(DRY_BACKOFF_MAX_S, DRY_BACKOFF_MIN_S * 2 ** (entry.dry_streak - 1))
+        backoff = min(DRY_BACKOFF_MAX_S, DRY_BACKOFF_MIN_S * 2 ** (entry.dry_streak - 1))
+        entry.dry_until = now + max(backoff, at_least_s)
 
     def mark_wet(self, job_id: int) -> None:
         """The job gave work: it is eligible again, rejoining at the current virtual time."""

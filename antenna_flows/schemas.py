@@ -7,6 +7,8 @@ drift from the contract shows up in tests on both sides at once.
 
 from __future__ import annotations
 
+from typing import Any
+
 import datetime as dt
 from typing import Annotated, Any
 
@@ -144,13 +146,49 @@ class ResultsResponse(BaseModel):
 
 
 class JobListItem(BaseModel):
-    """``GET /jobs/?ids_only=1`` row. ``priority`` is our extension; Antenna omits it (read as 0)."""
+    """``GET /jobs/?ids_only=1`` row. ``priority`` is our extension; Antenna omits it (read as 0).
+
+    ``total`` and ``saved`` come only from the full list (no ``ids_only``), read from Antenna's
+    job progress: the collect stage's ``total_images`` and the results stage's progress (an
+    answer counts there once Antenna has saved it).
+    """
 
     model_config = ConfigDict(extra="ignore")
 
     id: int
     pipeline_slug: str | None = None
     priority: int = 0
+    total: int | None = None
+    saved: int | None = None
+
+    @classmethod
+    def from_full_row(cls, row: dict[str, Any]) -> "JobListItem":
+        """A row of Antenna's full job list (``pipeline`` nested, ``progress`` with stages)."""
+        pipeline = row.get("pipeline")
+        slug = pipeline.get("slug") if isinstance(pipeline, dict) else row.get("pipeline_slug")
+        total = saved = None
+        progress = row.get("progress")
+        stages = progress.get("stages") if isinstance(progress, dict) else None
+        for stage in stages if isinstance(stages, list) else []:
+            if not isinstance(stage, dict):
+                continue
+            if stage.get("key") == "collect":
+                for param in stage.get("params") or []:
+                    if isinstance(param, dict) and param.get("key") == "total_images":
+                        total = _int_or_none(param.get("value"))
+            elif stage.get("key") == "results":
+                fraction = stage.get("progress")
+                saved = fraction if isinstance(fraction, (int, float)) else None
+        saved_count = round(saved * total) if saved is not None and total is not None else None
+        return cls(id=int(row["id"]), pipeline_slug=slug, priority=int(row.get("priority") or 0), total=total,
+                   saved=saved_count)
+
+
+def _int_or_none(value: Any) -> int | None:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return None
 
 
 class JobListResponse(BaseModel):

@@ -243,13 +243,40 @@ class WorkerSettings(AntennaSettings):
     )
     discovery_interval_s: float = Field(
         4.0, gt=0,
-        description="Seconds between job polls: a fleet idles at <= 0.25 requests per worker-second (over NATS, "
-        "JetStream stream-created advisories wake it at once).",
+        description="Seconds between job polls of the whole fleet: each worker polls every this many seconds times "
+        "the fleet size it measures (its share of the jobs' deliveries), at a random phase, so Antenna sees the "
+        "same rate from 1 worker or 100 (over NATS, JetStream stream-created advisories wake workers at once).",
     )
     busy_discovery_interval_s: float = Field(
+        2.0, gt=0,
+        description="rest transport, while serving jobs: the fleet's seconds between job polls (each worker: this "
+        "times the fleet size). Over REST these polls also read the jobs' saved counts that pace the fleet to "
+        "Antenna's saves, and nothing announces new jobs.",
+    )
+    save_backlog_s: float = Field(
+        5.0, gt=0,
+        description="Pace to Antenna's saves: keep the fleet's answers in flight (held, or queued for Antenna's "
+        "save) within what Antenna saves in this many seconds plus what the GPUs hold, measured from the jobs' "
+        "saved counts. Small: a newcomer's results wait little behind others'; too small: Antenna's save queue "
+        "runs dry between posts.",
+    )
+    pace_to_saves: bool = Field(
+        True, description="Reserve no faster than Antenna saves (off: reserve as fast as the GPU runs)."
+    )
+    watch_interval_s: float = Field(
         1.0, gt=0,
-        description="rest transport, while serving jobs: seconds between job polls (nothing announces new jobs "
-        "over REST; a busy worker's requests are dominated by its work, so a faster poll costs little).",
+        description="nats transport: seconds between reads of each served job's consumer (saved count, ack floor: "
+        "JetStream only, nothing asked of Antenna).",
+    )
+    post_max_delay_s: float = Field(
+        1.0, ge=0,
+        description="Longest an answer waits to be posted with more of its job's answers (a job's last answers "
+        "this worker holds go at once); posts carry at most antenna_api_batch_size results.",
+    )
+    min_reserve_chunk: int = Field(
+        4, ge=1,
+        description="While paced to Antenna's saves, reserve at least this many tasks of one job at a time (one "
+        "request, one post), waiting for that much room rather than asking for one or two.",
     )
     idle_forget_s: float = Field(
         20.0, gt=0, description="Forget a job after this long with nothing available and nothing in flight."

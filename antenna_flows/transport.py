@@ -21,7 +21,7 @@ import logging
 from typing import Awaitable, Callable, Protocol
 
 from antenna_flows.antenna_client import AntennaClient, Rejected
-from antenna_flows.jetstream import JobQueue, QueueConfig, Reservation, StreamGone, task_problem
+from antenna_flows.jetstream import ConsumerStats, JobQueue, QueueConfig, Reservation, StreamGone, task_problem
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +45,11 @@ class Transport(Protocol):
 
     async def ack_wait(self, job_id: int) -> float:
         """The job's ack_wait in seconds; raises StreamGone if the job has no queue (yet)."""
+        ...
+
+    async def counts(self, job_id: int) -> ConsumerStats | None:
+        """The job's consumer counters (delivered, ack pending, ack floor), when this path can read them
+        without asking Antenna (NATS); None over REST (the job list's progress tells saves there)."""
         ...
 
     async def watch_new_jobs(self, callback: Callable[[int], Awaitable[None] | None]) -> None: ...
@@ -94,6 +99,9 @@ class NatsTransport:
     async def ack_wait(self, job_id: int) -> float:
         return await self.queue.ack_wait(job_id)
 
+    async def counts(self, job_id: int) -> ConsumerStats | None:
+        return await self.queue.stats(job_id)
+
     async def watch_new_jobs(self, callback: Callable[[int], Awaitable[None] | None]) -> None:
         await self.queue.watch_new_jobs(callback)
 
@@ -140,6 +148,9 @@ class RestTransport:
 
     async def ack_wait(self, job_id: int) -> float:
         return self.ack_wait_s
+
+    async def counts(self, job_id: int) -> ConsumerStats | None:
+        return None
 
     async def watch_new_jobs(self, callback: Callable[[int], Awaitable[None] | None]) -> None:
         """No advisories over REST: discovery polls."""

@@ -15,6 +15,7 @@ from typing import Any, Awaitable, Callable
 
 import pytest
 
+from antenna_lab.antenna.admin import AntennaError, AsyncAntennaAdmin
 from antenna_lab.antenna.streams import JobStreams
 from antenna_flows.jetstream import stream_name, subject_name
 from antenna_flows.worker import FatalWorkerError

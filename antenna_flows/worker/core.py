@@ -52,6 +52,7 @@ from antenna_flows.antenna_client import AntennaClient
 from antenna_flows.imageloader import ImageLoader
 from antenna_flows.models.base import ImageInput, Model, UnknownPipeline
 from antenna_flows.orchestration import Orchestrator, PlainOrchestrator
+from antenna_flows.pacing import FleetShare, SavePacer
 from antenna_flows.scheduler import CostModel, FairScheduler
 from antenna_flows.schemas import PipelineProcessingTask
 from antenna_flows.settings import WorkerSettings
@@ -62,7 +63,8 @@ from antenna_flows.worker.held import State, TaskStore
 from antenna_flows.worker.inference import Inference, InferencePolicy
 from antenna_flows.worker.intake import Intake
 from antenna_flows.worker.keepalive import Keepalive
-from antenna_flows.worker.poster import Poster
+from antenna_flows.worker.poster import Poster, PostPolicy
+from antenna_flows.worker.watch import SaveWatch
 from antenna_flows.worker.reserver import Reserver, ReservePolicy
 from antenna_flows.worker.rotation import Rotation
 from antenna_flows.worker.settle import Settler
@@ -81,25 +83,41 @@ class Parts:
     def __init__(self, w: "FairWorker", client: AntennaClient, transport: Transport, loader: ImageLoader):
         s = w.settings
         self.client, self.transport, self.loader = client, transport, loader
-        self.settler = Settler(w.name, w.store, w.ledger, transport, s.release_delay_s, on_fatal=w.fail)
-        self.poster = Poster(w.name, client, w.orch, self.settler, w.store, w.pulse)
+        self.share = FleetShare(w.clock)
+        self.pacer = SavePacer(backlog_s=s.save_backlog_s, clock=w.clock) if s.pace_to_saves else None
+        pacer = self.pacer
+        self.settler = Settler(w.name, w.store, w.ledger, transport, s.release_delay_s, on_fatal=w.fail,
+                               on_answered=(lambda held: pacer.held_for(w.clock() - held.r.reserved_at))
+                               if pacer is not None else (lambda held: None))
+        self.poster = Poster(w.name, client, w.orch, self.settler, w.store, w.ledger,
+                             PostPolicy(s.antenna_api_batch_size, s.post_max_delay_s,
+                                        max(32, 4 * s.max_batch_size)), w.pulse, clock=w.clock)
         self.inference = Inference(
             w.name, w.model, w.store, w.rotation, w.scheduler, w.ledger, w.metrics,
             InferencePolicy(s.slots, s.max_batch_size, s.batch_fill_wait_s, s.session_idle_s, s.session_max_s),
             w.pulse, hand_over=self.poster.put, after_batch=w.maybe_report)
+        rest = not transport.can_extend
         self.discovery = Discovery(
             w.name, client, transport, w.rotation, w.store, self.settler,
             DiscoveryPolicy(w.served, frozenset(s.job_ids), s.exit_when_done, s.discovery_interval_s,
-                            s.busy_discovery_interval_s, s.idle_forget_s),
-            w.pulse, on_polled=lambda: w.ready("discovery"), on_done=w.stop, on_fatal=w.fail)
-        self.intake = Intake(w.name, w.store, w.ledger, w.scheduler, loader, w.model, self.settler,
-                             repost=self.poster.repost, spawn=w.spawn, clock=w.clock)
+                            s.busy_discovery_interval_s, s.idle_forget_s, progress_polls=rest and pacer is not None),
+            w.pulse, on_polled=lambda: w.ready("discovery"), on_done=w.stop, on_fatal=w.fail,
+            fleet_size=self.share.fleet_size, pacer=pacer)
+        self.intake = Intake(
+            w.name, w.store, w.ledger, w.scheduler, loader, w.model, self.settler, repost=self.poster.repost,
+            spawn=w.spawn, clock=w.clock, can_hold=transport.can_extend and pacer is not None,
+            saves_lag=(lambda: pacer.save_delay_s() >= 0.25 * w.rotation.ack_wait_s()) if pacer else (lambda: False),
+            on_lag=pacer.lag_seen if pacer else (lambda: None))
         self.reserver = Reserver(
             w.name, transport, w.store, w.rotation, w.scheduler, self.intake, w.orch,
-            ReservePolicy(s.prefetch_batches, s.max_batch_size, s.reserve_fraction, s.prefetch_lead_s), w.pulse,
-            busy_for_s=self.inference.busy_for_s, holding_only=lambda: w.draining,
-            on_stream_gone=self.discovery.forget, on_fatal=w.fail)
+            ReservePolicy(s.prefetch_batches, s.max_batch_size, s.reserve_fraction, s.prefetch_lead_s,
+                          api_batch_size=s.antenna_api_batch_size, min_chunk=s.min_reserve_chunk,
+                          costly_requests=rest),
+            w.pulse, busy_for_s=self.inference.busy_for_s, holding_only=lambda: w.draining,
+            on_stream_gone=self.discovery.forget, on_fatal=w.fail, pacer=pacer, share=self.share)
         self.keepalive = Keepalive(transport, w.store, w.rotation, s.in_progress_fraction, w.clock)
+        self.watch = SaveWatch(w.name, transport, w.rotation, w.store, self.settler, pacer or SavePacer(clock=w.clock),
+                               w.pulse, s.watch_interval_s, answer_again=self.intake.answer_again)
 
 
 class FairWorker:
@@ -225,6 +243,7 @@ class FairWorker:
         self._start(parts.reserver.run(), "reserver")
         self._start(parts.keepalive.run(), "keepalive")
         self._start(parts.poster.run(), "poster")
+        self._start(parts.watch.run(), "watch")
         self._start(self._hand_back_on_stop(parts), "hand-back")
         if s.max_runtime_s:
             self._start(self._stop_after(s.max_runtime_s), "max-runtime")
@@ -266,7 +285,7 @@ class FairWorker:
         """Steps 1 and 2, as soon as the stop comes: the session is still finishing its batches."""
         await self.pulse.stopping.wait()
         await self._end("max-runtime")
-        await self._end("reserver", "discovery", grace_s=RESERVE_GRACE_S)
+        await self._end("reserver", "discovery", "watch", grace_s=RESERVE_GRACE_S)
         await parts.settler.release_waiting("worker stopping")
 
     async def _stop_in_order(self, parts: Parts) -> None:
@@ -274,7 +293,7 @@ class FairWorker:
         self.stop(self.stop_reason or "run ended")
         # 1, 2: stop reserving, hand back what has not started (begun at the stop, while 3 went on)
         await self._end("hand-back", grace_s=RESERVE_GRACE_S + 5.0)
-        await self._end("reserver", "discovery", "max-runtime")
+        await self._end("reserver", "discovery", "watch", "max-runtime")
         await parts.settler.release_waiting("worker stopping")
         # 3. the batches in flight were finished by the session, which has returned by now
         # 4. post their answers, and any one-off re-post

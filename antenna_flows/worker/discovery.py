@@ -1,11 +1,18 @@
 """Discovery: which jobs this worker serves, kept current from Antenna's job list.
 
-Polls ``GET /jobs/`` every ``discovery_interval_s``, and at once (with a few
-quick follow-ups) when JetStream announces a new ``job_*`` stream, so a new job
-joins the rotation within a fraction of a second without fast polling. A job
-that stops being listed is forgotten; its reserved tasks are dropped (nothing
-left to answer to). With ``job_ids`` the worker serves only those jobs, and with
-``exit_when_done`` it stops once none of them is listed as incomplete.
+Polls ``GET /jobs/`` at a rate that does not grow with the fleet: every
+``discovery_interval_s`` times the fleet size this worker measures (its share of
+the jobs' deliveries, :class:`~antenna_flows.pacing.FleetShare`), at a random
+phase, so Antenna sees about one poll per interval from 1 worker or 100. Over
+NATS it polls at once (with a few quick follow-ups) when JetStream announces a
+new ``job_*`` stream, so a new job joins within a fraction of a second without
+fast polling. Over REST, while serving jobs, it polls the full list every
+``busy_discovery_interval_s`` (fleet-wide, likewise scaled): its rows carry each
+job's progress, the saved counts that pace the fleet to Antenna's saves.
+
+A job that stops being listed is forgotten; its reserved tasks are dropped
+(nothing left to answer to). With ``job_ids`` the worker serves only those jobs,
+and with ``exit_when_done`` it stops once none of them is listed as incomplete.
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ from typing import Awaitable, Callable, Iterator
 
 from antenna_flows.antenna_client import AntennaClient, AuthError, Rejected
 from antenna_flows.jetstream import StreamGone
+from antenna_flows.pacing import SavePacer
 from antenna_flows.transport import Transport
 from antenna_flows.worker.base import OUTAGES, FatalWorkerError, Pulse, wait_for
 from antenna_flows.worker.held import TaskStore
@@ -36,9 +44,10 @@ class DiscoveryPolicy:
     served: set[str]  # pipeline slugs this worker can run (shared with the worker: pruned at model load)
     job_ids: frozenset[int] = frozenset()
     exit_when_done: bool = False
-    interval_s: float = 4.0
-    busy_interval_s: float = 1.0
+    interval_s: float = 4.0  # the fleet's: each worker waits this times the fleet size
+    busy_interval_s: float = 2.0  # REST, while serving: likewise
     idle_forget_s: float = 20.0
+    progress_polls: bool = False  # REST with pacing: poll the full list (saved counts) while serving
 
 
 def poll_waits(interval_s: float, rng: random.Random) -> Iterator[float]:
@@ -58,7 +67,8 @@ class Discovery:
     def __init__(self, name: str, client: AntennaClient, transport: Transport, rotation: Rotation,
                  store: TaskStore, settler: Settler, policy: DiscoveryPolicy, pulse: Pulse, *,
                  on_polled: Callable[[], None], on_done: Callable[[str], None],
-                 on_fatal: Callable[[BaseException], None], rng: random.Random | None = None):
+                 on_fatal: Callable[[BaseException], None], rng: random.Random | None = None,
+                 fleet_size: Callable[[], float] = lambda: 1.0, pacer: SavePacer | None = None):
         self.name = name
         self.client = client
         self.transport = transport
@@ -71,6 +81,8 @@ class Discovery:
         self.on_done = on_done  # exit_when_done: the named jobs are done
         self.on_fatal = on_fatal
         self.rng = rng or random.Random()  # each process its own phase, as a real fleet's workers have
+        self.fleet_size = fleet_size
+        self.pacer = pacer
         self.warned_pipelines: set[str] = set()
 
     def on_new_stream(self) -> Callable[[int], Awaitable[None]]:
@@ -96,10 +108,11 @@ class Discovery:
                 if failures in (1, 10) or failures % 60 == 0:
                     log.warning("worker %s: job discovery failed (%d in a row): %s; serving known jobs",
                                 self.name, failures, exc)
-            wait = next(waits)
+            fleet = max(1.0, self.fleet_size())
+            wait = next(waits) * fleet
             if len(self.rotation) and not self.transport.announces_jobs:
-                # Over REST only polls find new jobs: while busy, poll sooner (idle, the gentle interval holds).
-                wait = min(wait, self.policy.busy_interval_s * self.rng.uniform(0.75, 1.25))
+                # Over REST only polls find new jobs (and read saves): while busy, the fleet polls sooner.
+                wait = min(wait, self.policy.busy_interval_s * fleet * self.rng.uniform(0.75, 1.25))
             if not await wait_for(self.pulse.discover, wait) or self.pulse.stopping.is_set():
                 continue
             # A stream was just created: its job is listed once Antenna has published its tasks.
@@ -115,8 +128,11 @@ class Discovery:
         """One poll of Antenna's incomplete jobs; returns how many joined the rotation."""
         wanted = self.policy.job_ids
         joined = 0
-        listed = await self.client.list_jobs(sorted(self.policy.served))
+        progress = self.policy.progress_polls and len(self.rotation) > 0
+        listed = await self.client.list_jobs(sorted(self.policy.served), progress=progress)
         for item in listed:
+            if item.saved is not None and self.pacer is not None and item.id in self.rotation:
+                self.pacer.saved(item.id, item.saved)
             if wanted and item.id not in wanted:
                 continue
             pipeline = item.pipeline_slug
@@ -150,6 +166,8 @@ class Discovery:
     async def forget(self, job_id: int, why: str) -> None:
         """The job left the rotation (not listed, or its stream vanished): drop what waits for it."""
         self.rotation.leave(job_id)
+        if self.pacer is not None:
+            self.pacer.forget(job_id)
         if not await self.settler.drop_job(job_id, why):
             log.info("worker %s: job %s left the rotation (%s)", self.name, job_id, why)
         await self.transport.forget(job_id)

@@ -39,11 +39,13 @@ class State(enum.Enum):
     READY = "ready"  # image decoded (or failed to: the failure is its answer): a batch may take it
     RUNNING = "running"  # in the batch on a slot
     POSTING = "posting"  # answer computed, being posted to Antenna
+    AWAITING_SAVE = "awaiting_save"  # redelivered while Antenna may still be saving our earlier answer (NATS)
     # settled (out of the store):
     ANSWERED = "answered"  # Antenna accepted the answer; its ack follows its save
     RELEASED = "released"  # handed back to the queue (nak with delay)
     DROPPED = "dropped"  # the job's stream vanished: nothing left to answer to
     TERMINATED = "terminated"  # Antenna accepts no answer for it: never redelivered
+    SAVED = "saved"  # Antenna saved our earlier answer and acked the message: nothing left to do
 
     @property
     def settled(self) -> bool:
@@ -55,20 +57,22 @@ class State(enum.Enum):
         return not self.settled
 
 
-SETTLED = frozenset({State.ANSWERED, State.RELEASED, State.DROPPED, State.TERMINATED})
+SETTLED = frozenset({State.ANSWERED, State.RELEASED, State.DROPPED, State.TERMINATED, State.SAVED})
 WAITING = (State.RESERVED, State.LOADING, State.READY)  # reserved, not started: released on stop
-HELD = (State.RESERVED, State.LOADING, State.READY, State.RUNNING, State.POSTING)  # kept alive with +WPI
+HELD = (State.RESERVED, State.LOADING, State.READY, State.RUNNING, State.POSTING,
+        State.AWAITING_SAVE)  # kept alive with +WPI
 
 # The transitions a held task may make (settling, to any settled state, is TaskStore.settle's).
 # A re-answer of a redelivery enters as POSTING (its answer is kept), a malformed task naming its
 # image as READY (its error result is its answer), a refused answer replaced by an error result
 # stays POSTING.
 MOVES = {
-    State.RESERVED: {State.LOADING, State.READY},
+    State.RESERVED: {State.LOADING, State.READY, State.POSTING},  # POSTING: a re-answer of a kept answer
     State.LOADING: {State.READY},
     State.READY: {State.RUNNING},
     State.RUNNING: {State.POSTING},
     State.POSTING: {State.POSTING},
+    State.AWAITING_SAVE: {State.POSTING, State.LOADING},  # the earlier answer was lost after all: answer again
 }
 
 
@@ -86,6 +90,7 @@ class HeldTask:
     twins: list[Reservation] = field(default_factory=list)  # later deliveries of the same image while held
     result: Result | None = None
     reanswer: bool = False  # a redelivery of an image this worker had answered (Antenna's save failed)
+    posted_at: float | None = None  # when its answer entered the poster's outbox
 
     @property
     def job_id(self) -> int:

@@ -1,32 +1,51 @@
-"""The poster: answers to Antenna, one request per job per batch, then each task's ending.
+"""The poster: answers to Antenna per job, in batches, then each task's ending.
 
-Posting is one unit of work per batch (recorded by the orchestrator: under Prefect,
-inside a ``serve-window`` task run) that the orchestrator retries on outages (5xx,
-timeouts) with backoff and jitter; it is idempotent, so a retry after a lost
-response never posts a job twice. What a post's outcome means for its tasks is the
-settler's decision (:meth:`~antenna_flows.worker.settle.Settler.after_post`); a
-refused post is isolated here, answer by answer, so one bad task fails alone.
+A result post costs Antenna nearly as much for one result as for twenty-four (a
+request, a validation, a queue push per result), so answers wait in a per-job
+outbox and go in one post when any of these holds:
 
-Two posts run at once (as upstream's two threads) and at most ``MAX_PENDING_POSTS``
-batches wait for them before the slots wait (backpressure).
+- the job's outbox holds ``post_batch`` answers (``antenna_api_batch_size``, 24);
+- its oldest answer has waited ``max_delay_s`` (1 s);
+- this worker holds nothing else of the job that could join them (a small job's
+  last answers, the end of a reserved chunk: they go at once);
+- the worker is stopping.
+
+Each post is one unit of work (recorded by the orchestrator: under Prefect,
+inside a ``serve-window`` task run) retried on outages (5xx, timeouts) with
+backoff and jitter; it is idempotent, so a retry after a lost response never
+posts a job twice. What a post's outcome means for its tasks is the settler's
+decision (:meth:`~antenna_flows.worker.settle.Settler.after_post`); a refused post
+is isolated here, answer by answer, so one bad task fails alone.
+
+At most ``POSTERS`` posts run at once (as upstream's two threads); the slots wait
+while more than ``max_unposted`` answers are queued (backpressure).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from dataclasses import dataclass
+from typing import Callable
 
+from antenna_flows.accounting import Ledger
 from antenna_flows.antenna_client import AntennaClient, AntennaError, AuthError, Rejected
 from antenna_flows.orchestration import Orchestrator
 from antenna_flows.schemas import PipelineResultsError, TaskResult
-from antenna_flows.worker.base import OUTAGES, Pulse
-from antenna_flows.worker.held import HeldTask, State, TaskStore
+from antenna_flows.worker.base import OUTAGES, TICK_S, Pulse, wait_for
+from antenna_flows.worker.held import WAITING, HeldTask, State, TaskStore
 from antenna_flows.worker.settle import Settler
 
 log = logging.getLogger(__name__)
 
-MAX_PENDING_POSTS = 4  # batches waiting to be posted before the slots wait (backpressure)
 POSTERS = 2  # result posts in flight at once (as upstream's two threads)
+
+
+@dataclass
+class PostPolicy:
+    post_batch: int = 24  # most results in one post (upstream's antenna_api_batch_size)
+    max_delay_s: float = 1.0
+    max_unposted: int = 32  # answers queued before the slots wait
 
 
 def payload(held: HeldTask) -> list[TaskResult]:
@@ -36,31 +55,109 @@ def payload(held: HeldTask) -> list[TaskResult]:
 
 class Poster:
     def __init__(self, name: str, client: AntennaClient, orchestrator: Orchestrator, settler: Settler,
-                 store: TaskStore, pulse: Pulse):
+                 store: TaskStore, ledger: Ledger, policy: PostPolicy, pulse: Pulse, *,
+                 clock: Callable[[], float]):
         self.name = name
         self.client = client
         self.orch = orchestrator
         self.settler = settler
         self.store = store
+        self.ledger = ledger
+        self.policy = policy
         self.pulse = pulse
-        self.queue: asyncio.Queue[list[HeldTask] | None] = asyncio.Queue(maxsize=MAX_PENDING_POSTS)
+        self.clock = clock
+        self.outbox: dict[int, list[HeldTask]] = {}  # by job, oldest first
+        self._changed = asyncio.Event()  # an answer arrived, a post ended
+        self._room = asyncio.Event()  # a post ended: answers left for good
+        self._in_flight = 0
+        self._closing = False
+
+    # --- the slots' side ----------------------------------------------------------------
+
+    def unposted(self) -> int:
+        return sum(len(tasks) for tasks in self.outbox.values())
 
     async def put(self, batch: list[HeldTask]) -> None:
-        """A batch whose every task is POSTING (its answer set); waits while too many are queued."""
-        await self.queue.put(batch)
+        """A batch whose every task is POSTING (its answer set); waits while too many are unposted."""
+        now = self.clock()
+        for held in batch:
+            held.posted_at = now
+            self.outbox.setdefault(held.job_id, []).append(held)
+        self._changed.set()
+        while self.unposted() > self.policy.max_unposted and not self._closing:
+            await wait_for(self._room, TICK_S)
+
+    async def repost(self, tasks: list[HeldTask]) -> None:
+        """Answer again outside a batch (a redelivery of an image answered before: nothing to compute)."""
+        await self.put(tasks)
+
+    # --- the loop -----------------------------------------------------------------------
 
     async def run(self) -> None:
-        """``POSTERS`` loops posting queued batches, until :meth:`close` has been called and all is posted."""
-        await asyncio.gather(*(self._loop() for _ in range(POSTERS)))
+        """Post what is due until :meth:`close` has been called and the outbox is empty."""
+        posts: set[asyncio.Task[None]] = set()
+        try:
+            while True:
+                self._changed.clear()
+                for post in [p for p in posts if p.done()]:
+                    posts.discard(post)
+                    post.result()  # a bug in a post fails the poster (and so the worker), loudly
+                for job_id in self._due():
+                    if len(posts) >= POSTERS:
+                        break
+                    post = asyncio.create_task(self.post(self._take(job_id)), name=f"{self.name}-post-{job_id}")
+                    post.add_done_callback(lambda _: self._posted())
+                    posts.add(post)
+                if self._closing and not self.outbox and not posts:
+                    return
+                changed = asyncio.create_task(self._changed.wait())
+                await asyncio.wait({changed, *posts}, timeout=self._next_deadline(),
+                                   return_when=asyncio.FIRST_COMPLETED)
+                changed.cancel()
+        finally:
+            for post in posts:
+                post.cancel()
 
-    async def _loop(self) -> None:
-        while (batch := await self.queue.get()) is not None:
-            await self.post(batch)
+    def _posted(self) -> None:
+        """A post ended: the loop may start the next, the slots may have room again."""
+        self._changed.set()
+        self._room.set()
 
     async def close(self) -> None:
-        """Post everything queued, then end the loops (:meth:`run` returns)."""
-        for _ in range(POSTERS):
-            await self.queue.put(None)
+        """Post everything still in the outbox now; :meth:`run` returns when all is posted."""
+        self._closing = True
+        self._changed.set()
+        self._room.set()
+
+    def _due(self) -> list[int]:
+        """Jobs whose outbox should go now, oldest answer first."""
+        now = self.clock()
+        holding = self.store.counts(*WAITING, State.RUNNING)  # what may still join an outbox soon
+        due = []
+        for job_id, tasks in self.outbox.items():
+            if not tasks:
+                continue
+            if (self._closing or len(tasks) >= self.policy.post_batch or not holding.get(job_id)
+                    or now - (tasks[0].posted_at or now) >= self.policy.max_delay_s):
+                due.append(job_id)
+        return sorted(due, key=lambda j: self.outbox[j][0].posted_at or 0.0)
+
+    def _next_deadline(self) -> float:
+        oldest = [t[0].posted_at for t in self.outbox.values() if t and t[0].posted_at is not None]
+        if not oldest:
+            return TICK_S
+        return max(0.0, min(oldest) + self.policy.max_delay_s - self.clock())
+
+    def _take(self, job_id: int) -> list[HeldTask]:
+        tasks = self.outbox[job_id]
+        taken, rest = tasks[: self.policy.post_batch], tasks[self.policy.post_batch:]
+        if rest:
+            self.outbox[job_id] = rest
+        else:
+            del self.outbox[job_id]
+        return taken
+
+    # --- one post -----------------------------------------------------------------------
 
     async def post(self, tasks: list[HeldTask]) -> None:
         """Post answers, one request per job, as one retried unit; then end every task."""
@@ -71,6 +168,7 @@ class Poster:
 
         async def post_one(job_id: int) -> None:
             try:
+                self.ledger.post_made(job_id)
                 await self.client.post_results(job_id, [item for h in by_job[job_id] for item in payload(h)])
                 errors[job_id] = None
             except (AuthError, Rejected) as exc:  # retrying would not change the answer
@@ -112,13 +210,10 @@ class Poster:
             for i, attempt in enumerate(attempts):
                 held.result = attempt
                 try:
+                    self.ledger.post_made(job_id)
                     await self.client.post_results(job_id, payload(held))
                     error: BaseException | None = None
                 except Exception as exc:  # noqa: BLE001 - the settler decides what each error means
                     error = exc
                 if await self.settler.after_single_post(held, error, last_attempt=i == len(attempts) - 1):
                     break
-
-    async def repost(self, tasks: list[HeldTask]) -> None:
-        """Answer again outside a batch (a redelivery of an image answered before: nothing to compute)."""
-        await self.post(tasks)

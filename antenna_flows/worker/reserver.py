@@ -1,21 +1,35 @@
-"""The reserver: reserve just the tasks the next batches will take, never more than the window holds.
+"""The reserver: reserve just the tasks the next batches will take, never more than the windows hold.
 
-The fair scheduler says which jobs the next batch should come from; the budget
-(:func:`~antenna_flows.scheduler.reservation_cap`) says how many tasks the slots
-will start within ``reserve_fraction * ack_wait``, counting what they still have
-to finish. What happens to each reserved task is the intake's (:mod:`.intake`).
+Two windows bound it. The GPU's: the fair scheduler says which jobs the next batch
+should come from; the budget (:func:`~antenna_flows.scheduler.reservation_cap`) says
+how many tasks the slots will start within ``reserve_fraction * ack_wait``, counting
+what they still have to finish. Antenna's: the save pacer
+(:mod:`antenna_flows.pacing`) says how many more the fleet may have in flight without
+growing Antenna's save queue, of which this worker takes its share. While the pacer
+binds, the worker reserves in chunks of one job at a time (at least
+``min_chunk``: one request, one post), waiting for that much room, rather than
+asking every job for one or two: fairness over time is the scheduler's, which charges
+each job for what it runs.
+
+Requests to Antenna are spent with care: a job whose queue said (in its tasks'
+reply subjects) that nothing is left undelivered is probed again only after
+``drained_probe_s`` (for redeliveries), not every tick; over REST each job is asked
+for at least ``min_chunk``, and no request asks for more than ``api_batch_size``.
+What happens to each reserved task is the intake's (:mod:`.intake`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
 from dataclasses import dataclass
 from typing import Awaitable, Callable
 
 from antenna_flows.antenna_client import AuthError, Rejected
 from antenna_flows.jetstream import Reservation, StreamGone
 from antenna_flows.orchestration import Orchestrator
+from antenna_flows.pacing import FleetShare, SavePacer
 from antenna_flows.scheduler import FairScheduler, reservation_cap
 from antenna_flows.transport import Transport
 from antenna_flows.worker.base import OUTAGES, TICK_S, FatalWorkerError, Pulse, wait_for
@@ -28,12 +42,23 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class ReservePolicy:
-    """How far ahead to reserve (from WorkerSettings)."""
+    """How far ahead to reserve and in what pieces (from WorkerSettings)."""
 
     prefetch_batches: int = 1
     max_batch_size: int = 8
     reserve_fraction: float = 0.5
     prefetch_lead_s: float = 2.0
+    api_batch_size: int = 24  # most tasks in one request
+    min_chunk: int = 4  # paced (and over REST): at least this many of one job per request
+    costly_requests: bool = False  # REST: each request is Antenna's work (a NATS connection, a fetch)
+    drained_probe_s: float = 10.0  # a job with nothing undelivered: probe for redeliveries this often
+
+
+def one_job(wants: dict[int, int], n: int) -> dict[int, int]:
+    """The whole chunk from the job first in fair order."""
+    for job_id in wants:
+        return {job_id: n}
+    return {}
 
 
 def trim(wants: dict[int, int], room: int) -> dict[int, int]:
@@ -53,7 +78,8 @@ class Reserver:
                  scheduler: FairScheduler, intake: Intake, orchestrator: Orchestrator, policy: ReservePolicy,
                  pulse: Pulse, *, busy_for_s: Callable[[], float], holding_only: Callable[[], bool],
                  on_stream_gone: Callable[[int, str], Awaitable[None]],
-                 on_fatal: Callable[[BaseException], None]):
+                 on_fatal: Callable[[BaseException], None], pacer: SavePacer | None = None,
+                 share: FleetShare | None = None):
         self.name = name
         self.transport = transport
         self.store = store
@@ -67,6 +93,9 @@ class Reserver:
         self.holding_only = holding_only  # rolling over: reserve nothing more
         self.on_stream_gone = on_stream_gone
         self.on_fatal = on_fatal
+        self.pacer = pacer  # None: reserve as fast as the GPU runs
+        self.share = share or FleetShare(rotation.clock)
+        self.paced = False  # the last round was bound by Antenna's saves (for logs and the record)
 
     async def run(self) -> None:
         while not self.pulse.stopping.is_set():
@@ -81,13 +110,20 @@ class Reserver:
 
     # --- reserving ----------------------------------------------------------------------
 
+    def room(self) -> float:
+        """Tasks Antenna's saves leave room for (this worker's share); infinite when not pacing."""
+        if self.pacer is None:
+            return math.inf
+        return self.pacer.allowance(self.share.share(), floor=self.policy.min_chunk)
+
     async def round(self) -> None:
-        """Top the pool up to the next batch (within the cap), re-planning when a job comes up short."""
+        """Top the pool up to the next batch (within both windows), re-planning when a job comes up short."""
         p = self.policy
         for _ in range(len(self.rotation) + 1):
             if self.pulse.stopping.is_set() or self.holding_only():
                 return
             pool = self.store.waiting_counts()
+            held = sum(pool.values())
             busy_for = self.busy_for_s()
             cap = reservation_cap(self.rotation.ack_wait_s(), p.reserve_fraction, self.rotation.per_image_s(), busy_for)
             target = min(p.prefetch_batches * p.max_batch_size, cap)
@@ -97,11 +133,26 @@ class Reserver:
                 if pool or busy_for > p.prefetch_lead_s:
                     return
                 target = cap = 1
-            wants = self.scheduler.plan_reservations(pool, target, self.rotation.cost.per_image)
-            # Tasks a newcomer displaces in fair order wait one batch more: where the window holds
-            # two batches, allow one batch over the cap for them (urgency bounds their wait).
-            slack = target if cap >= 2 * target else 0
-            wants = trim(wants, cap + slack - sum(pool.values()))
+            room = self.room()
+            self.paced = room < target - held
+            if self.paced:
+                plan = self.scheduler.plan_reservations(pool, target, self.rotation.cost.per_image)
+                # Redeliveries are already in flight: they add nothing to the window, and a failed
+                # save must be answered again even while Antenna's saves are behind.
+                wants = {j: n for j, n in plan.items() if self._only_redeliveries(j)}
+                fresh = {j: n for j, n in plan.items() if j not in wants}
+                if fresh and room >= p.min_chunk:
+                    chunk = min(int(room), p.api_batch_size)
+                    wants.update(one_job(fresh, chunk))  # the whole chunk from the job first in fair order
+            else:
+                wants = self.scheduler.plan_reservations(pool, target, self.rotation.cost.per_image)
+                # Tasks a newcomer displaces in fair order wait one batch more: where the window holds
+                # two batches, allow one batch over the cap for them (urgency bounds their wait).
+                slack = target if cap >= 2 * target else 0
+                wants = trim(wants, min(cap + slack - held, int(min(room, 1 << 30))))
+                if p.costly_requests:
+                    wants = {j: max(n, p.min_chunk) for j, n in wants.items()}
+            wants = {j: min(n, p.api_batch_size) for j, n in wants.items() if n > 0}
             if not wants:
                 return
             if all(self.scheduler.dry_for(j) > 0 for j in wants):
@@ -139,13 +190,41 @@ class Reserver:
             if isinstance(got, str):
                 await self.on_stream_gone(job_id, got)
                 continue
+            self.observe(job_id, got)
             self.intake.accept(job_id, got)
             got_total += len(got)
             if len(got) < n:
-                self.scheduler.mark_dry(job_id)
+                drained = self._drained(got)
+                self.scheduler.mark_dry(job_id, self.policy.drained_probe_s if drained else 0.0)
         if failure is not None and (not got_total or not isinstance(failure, OUTAGES)):
             raise failure  # an outage: the orchestrator retries the round; anything else: the worker sees it
         return got_total
+
+
+    def observe(self, job_id: int, got: list[Reservation]) -> None:
+        """What the reply subjects tell about the fleet: its deliveries (our share) and how far the job is."""
+        infos = [i for i in (r.ack_info for r in got) if i is not None]
+        self.share.observe(job_id, [i.consumer_seq for i in infos])
+        if self.pacer is None or not infos:
+            return
+        firsts = [i.stream_seq for i in infos if i.num_delivered == 1]
+        if firsts:
+            self.pacer.delivered(job_id, max(firsts))
+        last = max(infos, key=lambda i: i.consumer_seq)
+        if last.pending is not None:
+            self.pacer.undelivered(job_id, last.pending)
+
+    def _only_redeliveries(self, job_id: int) -> bool:
+        return self.pacer is not None and self.pacer.only_redeliveries(job_id)
+
+    def _drained(self, got: list[Reservation]) -> bool:
+        """The job's queue said nothing is left undelivered (the last reply subject's pending count)."""
+        if not self.policy.costly_requests:
+            return False  # over NATS a probe costs Antenna nothing: the usual short back-off
+        if not got:
+            return True  # asked and got nothing
+        info = got[-1].ack_info
+        return info is not None and info.pending == 0
 
 
 def urgent_tasks(store: TaskStore, rotation: Rotation, max_batch_size: int) -> dict[int, int]:

@@ -13,6 +13,9 @@ Every task the worker reserves ends in exactly one of four ways (``held.State``)
   answer to.
 - **terminated**: Antenna accepts no answer for it (``term``): redelivering it
   could never end differently.
+- **saved**: a redelivery held while Antenna might still be saving our earlier
+  answer (over NATS), and it did: the message is acked; nothing is sent, nothing
+  is answered twice.
 
 What a result post's outcome means for its tasks is decided here too
 (:meth:`Settler.after_post`): accepted -> answered; an outage that outlived the
@@ -42,13 +45,14 @@ class Settler:
 
     def __init__(self, worker: str, store: TaskStore, ledger: Ledger, transport: Transport,
                  release_delay_s: float, on_fatal: Callable[[BaseException], None],
-                 rng: random.Random | None = None):
+                 on_answered: Callable[[HeldTask], None] = lambda held: None, rng: random.Random | None = None):
         self.worker = worker
         self.store = store
         self.ledger = ledger
         self.transport = transport
         self.release_delay_s = release_delay_s
         self.on_fatal = on_fatal
+        self.on_answered = on_answered  # (the pacer learns how long a task is held)
         self.rng = rng or random.Random()
 
     def release_delay(self) -> float:
@@ -73,6 +77,7 @@ class Settler:
                     self.ledger.count(held.job_id, "reanswered")
                 for r in held.reservations():  # Antenna gets a full ack_wait to save, then we let go
                     await self.transport.in_progress(r)
+                self.on_answered(held)
             elif outcome is State.RELEASED:
                 for r in held.reservations():
                     await self.transport.nak(r, self.release_delay())
@@ -89,6 +94,9 @@ class Settler:
                 log.warning("worker %s: job %s: released %d tasks (%s)", self.worker, job_id, n, why)
             elif outcome is State.TERMINATED:
                 log.error("worker %s: job %s: terminated %d tasks (%s)", self.worker, job_id, n, why)
+            elif outcome is State.SAVED:
+                log.info("worker %s: job %s: %d redelivered tasks were acked by Antenna's late save of our "
+                         "earlier answer: not answered twice", self.worker, job_id, n)
         return len(tasks)
 
     async def release_waiting(self, why: str) -> int:

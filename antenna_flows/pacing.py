@@ -1,0 +1,215 @@
+"""Pacing to Antenna's saves: the second scarce resource, spent as carefully as the GPU.
+
+Antenna saves results in one FIFO queue for every job (Celery's ``ml_results``) at a rate
+the fleet does not control (a few per second on a small host). A fleet answering faster
+than that only lengthens the queue: a small job's results wait behind every earlier
+result, and answers unsaved past ``ack_wait`` come back as redeliveries that double the
+save work (the field report's feedback loop). So the fleet keeps what it has *in flight*
+(tasks handed out and not yet saved: held by a worker, or answered and queued for a save)
+near what Antenna saves in a few seconds plus what the GPUs hold:
+
+    window = save_rate * (backlog_s + hold_s)
+
+``save_rate`` is measured (saved answers per second, fleet-wide, from the jobs' own
+counters), ``hold_s`` is how long this worker holds a task from reservation to an
+accepted answer, ``backlog_s`` the queue of saves the fleet tolerates (it keeps
+Antenna's queue from running dry while keeping a newcomer's wait short). By Little's
+law the in-flight count and the save rate fix the time from reservation to saved:
+``window / save_rate``. While the GPUs are the bottleneck, saves keep up, in-flight
+is what the GPUs hold, and the window never binds.
+
+Each worker sees the fleet's counters (over NATS the consumers' ``ack_pending`` and
+delivered sequences; over REST the jobs' saved counts, from Antenna's job progress,
+and the delivered sequence in each task's reply subject) and its own share of the
+fleet's deliveries (:class:`FleetShare`, from the consumer sequence in reply subjects),
+and reserves only its share of the room left in the window. No coordination, no
+shared state: the same arithmetic on the same counters.
+
+Pure logic (no I/O, injectable clock), unit-tested on a fake clock.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+SHARE_WINDOW_S = 30.0  # how far back the fleet share looks
+RATE_WINDOW_S = 10.0  # how far back the save rate looks (at least two refreshes of the counters)
+HOLD_ALPHA = 0.2  # EWMA weight of a new hold-time sample
+LAG_CUT = 0.5  # a redelivery of an answer not yet saved: the window is cut to this fraction...
+LAG_CUT_S = 30.0  # ...for this long
+
+
+class FleetShare:
+    """This worker's share of the fleet's deliveries, read from JetStream's consumer sequences.
+
+    Every delivery carries the consumer's delivery sequence (in its reply subject): between
+    two of this worker's reservations from a job, the sequence moved by what the whole fleet
+    took, of which this worker took its own batch. ``share`` is own / fleet over the last
+    ``window_s``; ``fleet_size`` its inverse (workers at this worker's pace). A worker that
+    has seen nothing keeps its last estimate (1.0 at first).
+    """
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic, window_s: float = SHARE_WINDOW_S):
+        self.clock = clock
+        self.window_s = window_s
+        self._last_seq: dict[int, int] = {}
+        self._samples: deque[tuple[float, int, int]] = deque()  # (t, own, fleet)
+        self._last_share = 1.0
+
+    def observe(self, job_id: int, consumer_seqs: Iterable[int]) -> None:
+        seqs = sorted(s for s in consumer_seqs if s > 0)
+        if not seqs:
+            return
+        last = self._last_seq.get(job_id)
+        top = seqs[-1]
+        if last is not None and top > last:
+            own = sum(1 for s in seqs if s > last)
+            self._samples.append((self.clock(), own, top - last))
+        self._last_seq[job_id] = top if last is None else max(last, top)
+
+    def forget(self, job_id: int) -> None:
+        self._last_seq.pop(job_id, None)
+
+    def share(self) -> float:
+        cutoff = self.clock() - self.window_s
+        while self._samples and self._samples[0][0] < cutoff:
+            self._samples.popleft()
+        own = sum(s[1] for s in self._samples)
+        fleet = sum(s[2] for s in self._samples)
+        if fleet >= 8:  # enough deliveries to say something
+            self._last_share = min(1.0, max(0.01, own / fleet))
+        return self._last_share
+
+    def fleet_size(self) -> float:
+        return 1.0 / self.share()
+
+
+@dataclass
+class _Job:
+    delivered: int = 0  # messages handed out at least once, fleet-wide
+    done: int = 0  # of those, saved (acked) or otherwise no longer pending
+    read_at: float = 0.0  # when ``done`` was last read
+    undelivered: int | None = None  # messages never handed out yet, as last seen (None: unknown)
+
+
+class SavePacer:
+    """How many more tasks this worker may take now without growing Antenna's save queue."""
+
+    def __init__(self, *, backlog_s: float = 5.0, initial_hold_s: float = 2.0, min_backlog: float = 8.0,
+                 clock: Callable[[], float] = time.monotonic, rate_window_s: float = RATE_WINDOW_S):
+        self.backlog_s = backlog_s
+        self.min_backlog = min_backlog  # the save queue the fleet may always keep (a post or two)
+        self.clock = clock
+        self.rate_window_s = rate_window_s
+        self.hold_s = initial_hold_s
+        self._jobs: dict[int, _Job] = {}
+        self._saves: deque[tuple[float, int]] = deque()  # (t, saved since the previous reading)
+        self._first_reading: float | None = None
+        self._cut_until = 0.0
+
+    # --- what the worker sees -------------------------------------------------------------
+
+    def delivered(self, job_id: int, delivered: int) -> None:
+        """The highest stream sequence handed out so far (from a reply subject or the consumer)."""
+        job = self._jobs.setdefault(job_id, _Job())
+        job.delivered = max(job.delivered, delivered)
+
+    def saved(self, job_id: int, done: int, delivered: int | None = None) -> None:
+        """A fresh reading of a job's saved count (and, over NATS, its delivered count)."""
+        now = self.clock()
+        job = self._jobs.setdefault(job_id, _Job())
+        if delivered is not None:
+            job.delivered = max(job.delivered, delivered)
+        if job.read_at and done > job.done:
+            self._saves.append((now, done - job.done))
+        if self._first_reading is None:
+            self._first_reading = now
+        job.done = max(job.done, done)
+        job.read_at = now
+
+    def undelivered(self, job_id: int, n: int) -> None:
+        """What the job's queue still has to hand out (a reply subject's or the consumer's pending count)."""
+        self._jobs.setdefault(job_id, _Job()).undelivered = max(0, n)
+
+    def only_redeliveries(self, job_id: int) -> bool:
+        """Everything of the job was handed out: what it still gives are redeliveries, already in flight,
+        so reserving them adds nothing to the window (and a failed save must be answered again)."""
+        job = self._jobs.get(job_id)
+        return job is not None and job.undelivered == 0
+
+    def forget(self, job_id: int) -> None:
+        self._jobs.pop(job_id, None)
+
+    def held_for(self, seconds: float) -> None:
+        """One task's time from reservation to an accepted answer (this worker's)."""
+        self.hold_s = (1 - HOLD_ALPHA) * self.hold_s + HOLD_ALPHA * max(0.0, seconds)
+
+    def lag_seen(self) -> None:
+        """An answer Antenna accepted came back unsaved after ``ack_wait``: save far behind, ease off."""
+        self._cut_until = self.clock() + LAG_CUT_S
+
+    # --- what it decides --------------------------------------------------------------------
+
+    def save_rate(self) -> float | None:
+        """Saved answers per second, fleet-wide, over the last ``rate_window_s`` (None before two readings)."""
+        now = self.clock()
+        cutoff = now - self.rate_window_s
+        while self._saves and self._saves[0][0] < cutoff:
+            self._saves.popleft()
+        if self._first_reading is None or now - self._first_reading < 1.0:
+            return None
+        span = min(self.rate_window_s, now - self._first_reading)
+        return sum(n for _, n in self._saves) / span
+
+    def in_flight(self) -> float:
+        """Tasks handed out and not yet saved, fleet-wide; saves since each reading extrapolated."""
+        rate = self.save_rate() or 0.0
+        now = self.clock()
+        total = 0.0
+        live = [j for j in self._jobs.values() if j.delivered > j.done]
+        for job in live:
+            since = max(0.0, now - job.read_at) if job.read_at else 0.0
+            extrapolated = rate * since / len(live)  # the fleet's save rate, shared by the jobs in flight
+            total += max(0.0, job.delivered - job.done - extrapolated)
+        return total
+
+    def window(self) -> float:
+        """The fleet's in-flight budget: a few seconds of saves queued (at least ``min_backlog``) plus what
+        the GPUs hold while the queue drains; infinite until a save rate is known."""
+        rate = self.save_rate()
+        if rate is None:
+            return math.inf
+        backlog = max(self.min_backlog, rate * self.backlog_s)
+        if self.clock() < self._cut_until:
+            backlog *= LAG_CUT
+        return backlog + rate * self.hold_s
+
+    def allowance(self, share: float, floor: int = 0) -> float:
+        """Tasks this worker may reserve now: its share of the room left in the window (at least ``floor``
+        while the fleet has nothing in flight, so a window computed from no saves never stalls it)."""
+        window = self.window()
+        if math.isinf(window):
+            return math.inf
+        flight = self.in_flight()
+        room = max(0.0, window - flight) * share
+        if flight < 1:
+            room = max(room, float(floor))
+        return room
+
+    def backlog(self) -> float:
+        """Estimated answers queued for a save beyond what the GPUs hold (for logs and the record)."""
+        rate = self.save_rate() or 0.0
+        return max(0.0, self.in_flight() - rate * self.hold_s)
+
+    def save_delay_s(self) -> float:
+        """How long an answer posted now would wait for its save (backlog over save rate); 0 when Antenna
+        saves nothing at all (its saves fail: answers are lost, not late)."""
+        backlog = self.backlog()
+        rate = self.save_rate() or 0.0
+        if backlog < 1 or rate <= 0:
+            return 0.0
+        return backlog / rate

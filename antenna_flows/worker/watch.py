@@ -1,0 +1,85 @@
+"""The save watch: what Antenna has saved, read where it costs Antenna nothing.
+
+Over NATS, every ``interval_s`` it reads each served job's consumer (JetStream
+only: delivered, ack pending, ack floor) and tells the pacer the job's saved
+count (:mod:`antenna_flows.pacing`). It also ends the redeliveries held while
+Antenna might still save our earlier answer (:mod:`.intake`): one whose message
+the ack floor has passed was saved (``SAVED``: nothing sent, not answered twice);
+one held a whole ``ack_wait`` without that is answered again: the earlier answer
+was lost after all.
+
+Over REST there is nothing to read here: the job list's progress (discovery's
+poll) tells the pacer the saved counts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Callable
+
+from antenna_flows.jetstream import StreamGone
+from antenna_flows.pacing import SavePacer
+from antenna_flows.transport import Transport
+from antenna_flows.worker.base import OUTAGES, Pulse, wait_for
+from antenna_flows.worker.held import HeldTask, State, TaskStore
+from antenna_flows.worker.rotation import Rotation
+from antenna_flows.worker.settle import Settler
+
+log = logging.getLogger(__name__)
+
+
+class SaveWatch:
+    def __init__(self, name: str, transport: Transport, rotation: Rotation, store: TaskStore, settler: Settler,
+                 pacer: SavePacer, pulse: Pulse, interval_s: float, *,
+                 answer_again: Callable[[HeldTask], None]):
+        self.name = name
+        self.transport = transport
+        self.rotation = rotation
+        self.store = store
+        self.settler = settler
+        self.pacer = pacer
+        self.pulse = pulse
+        self.interval_s = interval_s
+        self.answer_again = answer_again
+
+    async def run(self) -> None:
+        if not self.transport.can_extend:  # REST: the job list's progress is the signal (discovery)
+            return
+        while not self.pulse.stopping.is_set():
+            await self.look()
+            await wait_for(self.pulse.stopping, self.interval_s)
+
+    async def look(self) -> None:
+        """One reading of every served job's consumer."""
+        for job_id in self.rotation:
+            try:
+                stats = await self.transport.counts(job_id)
+            except StreamGone:
+                continue  # discovery and the reserver see it go
+            except OUTAGES as exc:
+                log.debug("worker %s: job %s: consumer not read: %s", self.name, job_id, exc)
+                continue
+            if stats is None:
+                continue
+            self.pacer.saved(job_id, stats.done, stats.delivered_msgs)
+            self.pacer.undelivered(job_id, stats.pending)
+            await self._held_redeliveries(job_id, stats.ack_floor)
+        await asyncio.sleep(0)
+
+    async def _held_redeliveries(self, job_id: int, ack_floor: int) -> None:
+        now = self.rotation.clock()
+        limit = self.rotation.ack_wait_s(job_id)
+        saved, lost = [], []
+        for held in self.store.of_job(job_id, State.AWAITING_SAVE):
+            seqs = [r.stream_seq for r in held.reservations() if r.stream_seq is not None]
+            if seqs and max(seqs) <= ack_floor:
+                saved.append(held)
+            elif now - held.r.reserved_at >= limit:
+                lost.append(held)
+        if saved:
+            await self.settler.settle(saved, State.SAVED, "acked by Antenna's save of our earlier answer")
+        for held in lost:
+            log.warning("worker %s: job %s image %s: no save of our earlier answer within %.0fs: answering again",
+                        self.name, job_id, held.r.image_id, limit)
+            self.answer_again(held)
