@@ -155,14 +155,19 @@ class SavePacer:
     # --- what it decides --------------------------------------------------------------------
 
     def save_rate(self) -> float | None:
-        """Saved answers per second, fleet-wide, over the last ``rate_window_s`` (None before two readings)."""
+        """Saved answers per second, fleet-wide, over the readings of the last ``rate_window_s``
+        (None until readings span a second). Measured up to the latest reading, so a pause between
+        readings (seconds apart over REST) does not read as a pause in saving."""
         now = self.clock()
         cutoff = now - self.rate_window_s
-        while self._saves and self._saves[0][0] < cutoff:
+        while self._saves and self._saves[0][0] <= cutoff:
             self._saves.popleft()
-        if self._first_reading is None or now - self._first_reading < 1.0:
+        if self._first_reading is None:
             return None
-        span = min(self.rate_window_s, now - self._first_reading)
+        last = max((j.read_at for j in self._jobs.values()), default=self._first_reading)
+        span = last - max(cutoff, self._first_reading)
+        if span < 1.0:
+            return None if last - self._first_reading < 1.0 else 0.0
         return sum(n for _, n in self._saves) / span
 
     def in_flight(self) -> float:

@@ -1,0 +1,110 @@
+"""Pacing to Antenna's saves (antenna_flows/pacing.py): pure arithmetic on a fake clock."""
+
+from __future__ import annotations
+
+import math
+
+from antenna_flows.pacing import FleetShare, SavePacer
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = 1000.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def test_fleet_share_reads_the_workers_share_from_consumer_sequences():
+    clock = Clock()
+    share = FleetShare(clock)
+    assert share.share() == 1.0 and share.fleet_size() == 1.0  # alone until told otherwise
+    share.observe(7, [1, 2, 3, 4])  # the first reservation: nothing to compare with yet
+    last = 4
+    for _ in range(10):  # four workers taking turns: between our reservations the fleet took 16
+        clock.t += 1
+        share.observe(7, range(last + 13, last + 17))
+        last += 16
+    assert abs(share.share() - 0.25) < 1e-9 and abs(share.fleet_size() - 4.0) < 1e-9
+    clock.t += 100  # a quiet spell: the last estimate is kept, not reset
+    assert abs(share.fleet_size() - 4.0) < 1e-9
+
+
+def test_no_window_until_saves_are_seen_then_the_window_follows_the_save_rate():
+    clock = Clock()
+    pacer = SavePacer(backlog_s=5.0, initial_hold_s=2.0, min_backlog=4.0, clock=clock)
+    assert math.isinf(pacer.allowance(1.0))  # nothing known: the GPU's budget alone
+    pacer.delivered(1, 40)
+    pacer.saved(1, 0)
+    for _ in range(10):  # Antenna saves 3 per second
+        clock.t += 1
+        pacer.saved(1, pacer._jobs[1].done + 3)
+    assert abs(pacer.save_rate() - 3.0) < 1e-9
+    assert abs(pacer.window() - (3.0 * 5.0 + 3.0 * 2.0)) < 1e-9  # 15 queued + 6 held while the queue drains
+    # 40 handed out, 30 saved: 10 in flight, room for 11, of which a quarter-share worker takes 2.75
+    assert abs(pacer.in_flight() - 10) < 1e-9
+    assert abs(pacer.allowance(0.25) - 11 * 0.25) < 1e-9
+
+
+def test_a_growing_backlog_closes_the_window_and_saves_reopen_it():
+    clock = Clock()
+    pacer = SavePacer(backlog_s=5.0, initial_hold_s=1.0, min_backlog=4.0, clock=clock)
+    pacer.saved(1, 0)
+    pacer.delivered(1, 100)  # the fleet answered far faster than Antenna saves
+    for i in range(1, 11):
+        clock.t += 1
+        pacer.saved(1, 2 * i)  # 2 saves per second
+    assert pacer.allowance(1.0) == 0.0  # 80 in flight against a window of 12
+    assert pacer.save_delay_s() > 30  # an answer posted now would wait that long
+    for i in range(11, 51):
+        clock.t += 1
+        pacer.saved(1, 2 * i)
+    assert abs(pacer.in_flight() - 0) < 1e-9 and pacer.allowance(1.0) == 12.0  # drained: room again
+
+
+def test_between_readings_saves_are_extrapolated_at_the_measured_rate():
+    clock = Clock()
+    pacer = SavePacer(backlog_s=5.0, min_backlog=4.0, clock=clock)
+    pacer.delivered(1, 50)
+    pacer.saved(1, 0)
+    for i in range(1, 6):
+        clock.t += 1
+        pacer.saved(1, 4 * i)  # 4 per second; 30 in flight at the last reading
+    clock.t += 2.5  # no reading for 2.5 s (over REST readings are seconds apart)
+    assert abs(pacer.in_flight() - (30 - 4 * 2.5)) < 1e-9
+
+
+def test_redeliveries_of_a_drained_job_do_not_count_against_the_window():
+    pacer = SavePacer(clock=Clock())
+    assert not pacer.only_redeliveries(1)  # unknown
+    pacer.undelivered(1, 3)
+    assert not pacer.only_redeliveries(1)
+    pacer.undelivered(1, 0)
+    assert pacer.only_redeliveries(1)
+
+
+def test_a_redelivered_unsaved_answer_cuts_the_window_for_a_while():
+    clock = Clock()
+    pacer = SavePacer(backlog_s=10.0, initial_hold_s=0.0, min_backlog=1.0, clock=clock)
+    pacer.saved(1, 0)
+    for i in range(1, 11):
+        clock.t += 1
+        pacer.saved(1, 2 * i)
+    before = pacer.window()
+    pacer.lag_seen()
+    assert pacer.window() < before
+    clock.t += 31
+    for i in range(11, 20):
+        pacer.saved(1, 2 * i)
+        clock.t += 1
+    assert pacer.window() > 0.9 * before  # the cut wears off
+
+
+def test_saves_that_fail_are_not_lag():
+    clock = Clock()
+    pacer = SavePacer(clock=clock)
+    pacer.delivered(1, 10)
+    pacer.saved(1, 0)
+    clock.t += 5
+    pacer.saved(1, 0)  # nothing saved at all: answers are being lost, not queued
+    assert pacer.save_delay_s() == 0.0
