@@ -202,6 +202,9 @@ def run_worker_command(args: argparse.Namespace) -> int:
             from antenna_flows.device_workers import DeviceWorkers
 
             log.info("%s", plan.why)
+            if args.orchestration == "prefect" and not os.environ.get("PREFECT_API_URL"):
+                log.warning("no PREFECT_API_URL: each of the %d workers starts a temporary Prefect server of its own; "
+                            "set PREFECT_API_URL, or run them with --orchestration plain", len(plan.devices))
             names = worker_names(settings.worker_name if "worker_name" in settings.model_fields_set
                                  else default_base_name(), plan.devices)
             return DeviceWorkers(args.argv, plan.devices, names).run()
