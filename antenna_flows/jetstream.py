@@ -12,6 +12,9 @@ timeout), acks and deletes. The worker side only *binds* to existing
 consumers, never creates or alters them, and reserves with ``no_wait`` pulls:
 it gets exactly what is available now, at once, and leaves no lingering pull
 request on the server that could reserve tasks behind its back.
+
+(A long module because the layout's names, the connection, the consumer's side and
+its statistics are one contract: splitting them would scatter Antenna's naming.)
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable
 
 import nats
+import nats.errors
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js.errors import NotFoundError
@@ -221,17 +225,41 @@ def _is_not_found(exc: BaseException) -> bool:
     return isinstance(exc, NotFoundError) or getattr(exc, "code", None) == 404
 
 
-async def connect(url: str, name: str = "antenna-flows", **options: Any) -> NATS:
-    """Connect with reconnects forever: a NATS restart is an outage, not an error."""
+FIRST_CONNECT_S = 15.0  # a NATS that never answered at start is a configuration problem, not an outage
+
+
+async def connect(url: str, name: str = "antenna-flows", first_connect_s: float | None = None,
+                  **options: Any) -> NATS:
+    """Connect, then reconnect forever: a NATS restart is an outage, not an error.
+
+    ``first_connect_s`` bounds the first connection (a URL nothing answers at): after it,
+    :class:`~antenna_flows.unreachable.ServiceUnreachable` names NATS and the URL.
+    """
+    failures: list[str] = []
+
+    async def quiet(exc: Exception) -> None:  # nats-py's default prints a traceback per attempt
+        if not failures or str(exc) != failures[-1]:
+            log.warning("NATS at %s: %s", url, exc)
+        failures.append(str(exc))
+
     opts: dict[str, Any] = dict(
         name=name,
         max_reconnect_attempts=-1,
         reconnect_time_wait=0.25,
         connect_timeout=5,
         allow_reconnect=True,
+        error_cb=quiet,
     )
     opts.update(options)
-    return await nats.connect(url, **opts)
+    if first_connect_s is None:
+        return await nats.connect(url, **opts)
+    try:
+        return await asyncio.wait_for(nats.connect(url, **opts), first_connect_s)
+    except (asyncio.TimeoutError, OSError, nats.errors.Error) as exc:
+        from antenna_flows.unreachable import ServiceUnreachable
+
+        why = failures[-1] if failures else f"{type(exc).__name__}: {exc}".rstrip(": ")
+        raise ServiceUnreachable("NATS", url, f"no answer within {first_connect_s:g}s: {why}") from exc
 
 
 class JobQueue:
@@ -245,8 +273,9 @@ class JobQueue:
         self._locks: dict[int, asyncio.Lock] = {}
 
     @classmethod
-    async def connect(cls, url: str, config: QueueConfig | None = None, name: str = "antenna-flows") -> "JobQueue":
-        return cls(await connect(url, name=name), config)
+    async def connect(cls, url: str, config: QueueConfig | None = None, name: str = "antenna-flows",
+                      first_connect_s: float | None = None) -> "JobQueue":
+        return cls(await connect(url, name=name, first_connect_s=first_connect_s), config)
 
     async def close(self) -> None:
         for inbox in list(self._inboxes.values()):

@@ -21,7 +21,7 @@ import logging
 from typing import Awaitable, Callable, Protocol
 
 from antenna_flows.antenna_client import AntennaClient, Rejected
-from antenna_flows.jetstream import ConsumerStats, JobQueue, QueueConfig, Reservation, StreamGone, task_problem
+from antenna_flows.jetstream import FIRST_CONNECT_S, ConsumerStats, JobQueue, QueueConfig, Reservation, StreamGone, task_problem
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +69,7 @@ class NatsTransport:
 
     @classmethod
     async def connect(cls, url: str, name: str) -> "NatsTransport":
-        return cls(await JobQueue.connect(url, QueueConfig(), name=name))
+        return cls(await JobQueue.connect(url, QueueConfig(), name=name, first_connect_s=FIRST_CONNECT_S))
 
     async def reserve(self, job_id: int, n: int) -> list[Reservation]:
         return await self.queue.reserve(job_id, n)

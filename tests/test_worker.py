@@ -223,3 +223,14 @@ async def test_a_wrong_token_mid_job_hands_everything_back_and_loses_nothing(sta
     await serve_until([good], all_answered(aadmin, job.id))
     job = await aadmin.job(job.id)
     assert (job.results, job.duplicates) == (16, 0)
+
+
+async def test_a_nats_url_nothing_answers_at_stops_the_worker_naming_nats(stack, monkeypatch):
+    from antenna_flows import transport
+    from antenna_flows.unreachable import ServiceUnreachable
+
+    monkeypatch.setattr(transport, "FIRST_CONNECT_S", 1.0)
+    worker = worker_for(settings_for(stack, nats_url="nats://127.0.0.1:9"))
+    with pytest.raises(ServiceUnreachable) as failed:
+        await asyncio.wait_for(worker.run(), 10)
+    assert failed.value.service == "NATS" and "nats://127.0.0.1:9" in str(failed.value)
