@@ -13,7 +13,7 @@ consumers, never creates or alters them, and reserves with ``no_wait`` pulls:
 it gets exactly what is available now, at once, and leaves no lingering pull
 request on the server that could reserve tasks behind its back.
 
-(A long module because the layout's names, the connection, the consumer's side and
+(This module is long because the layout's names, the connection, the consumer's side and
 its statistics are one contract: splitting them would scatter Antenna's naming.)
 """
 
