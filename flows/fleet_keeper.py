@@ -3,8 +3,8 @@
     fleet-keeper (scheduled every 30 s, and run at once when a fleet run Crashes, Fails or Completes:
     │             the deployment's trigger in prefect.yaml)
     ├── reads deployments/fleet.yaml (or $ANTENNA_FLEET_SPEC, or the ``spec`` parameter)
-    ├── per slot: its work queue (concurrency 1); a Running run without heartbeats -> Crashed;
-    │   no live run -> run_deployment(<slot's deployment>, timeout=0) on the slot's queue
+    ├── per slot: its Prefect work queue (concurrency 1); a Running run without heartbeats -> Crashed;
+    │   no live run -> run_deployment(<slot's deployment>, timeout=0) on that Prefect work queue
     └── artifact: fleet (one row per slot: run, state, heartbeat age, what the keeper did)
 
 A killed flow-run process is marked Crashed by its Prefect worker; the trigger runs the keeper at once

@@ -2,12 +2,12 @@
 
 For each slot of the spec (:mod:`antenna_flows.fleet.spec`):
 
-- its work queue exists in the deployment's pool with concurrency 1 (a GPU never runs two workers,
-  whatever the number of runs: a second one waits in the queue);
+- its Prefect work queue exists in the deployment's pool with concurrency 1 (a GPU never runs two
+  workers, whatever the number of runs: a second one waits in that Prefect work queue);
 - a run that is Running but whose process is gone (no ``prefect.flow-run.heartbeat`` event for
   ``stale_after_s`` although it sent some before: its host died) is marked Crashed;
 - if no run of the slot is alive (Scheduled, Pending, Running, Paused, Cancelling), one is created
-  (``run_deployment(timeout=0)``, tags ``fleet`` and ``fleet-slot:<slot>``, on the slot's queue);
+  (``run_deployment(timeout=0)``, tags ``fleet`` and ``fleet-slot:<slot>``, on the slot's Prefect work queue);
 - extra runs of a slot that are only waiting (Scheduled) behind a live one are cancelled;
 - a slot whose runs keep failing at start (Crashed/Failed within a minute, twice or more in a row)
   waits 30 s, 60 s, ... up to 10 minutes between tries instead of crash-looping.
@@ -292,14 +292,14 @@ async def crash_orphans(client: PrefectClient, parent: FlowRun) -> int:
 
 class Keeper:
     """One pass of the keeper over a fleet, against the Prefect API (idempotent: two passes at once
-    start at most one extra run, which waits in the slot's queue and the next pass cancels)."""
+    start at most one extra run, which waits in the slot's Prefect work queue and the next pass cancels)."""
 
     def __init__(self, client: PrefectClient, fleet: Fleet, *, dry_run: bool = False):
         self.client = client
         self.fleet = fleet
         self.dry_run = dry_run
         self._pools: dict[str, str] = {}  # deployment -> its work pool
-        self._queues: set[tuple[str, str]] = set()  # (pool, queue) known to exist with concurrency 1
+        self._work_queues: set[tuple[str, str]] = set()  # (pool, Prefect work queue) known with concurrency 1
 
     async def run_pass(self) -> KeeperResult:
         result = KeeperResult()
@@ -319,7 +319,7 @@ class Keeper:
         """Read the slot's state, plan, carry the plan out; returns the slot's row."""
         pool = await self.pool_of(slot.deployment)
         if not self.dry_run:
-            await self.ensure_queue(pool, slot.work_queue)
+            await self.ensure_work_queue(pool, slot.work_queue)
         now = _now()
         heartbeats = {}
         if self.fleet.stale_after_s > 0:
@@ -339,9 +339,9 @@ class Keeper:
             self._pools[deployment_name] = deployment.work_pool_name
         return self._pools[deployment_name]
 
-    async def ensure_queue(self, pool: str, queue: str) -> None:
-        """The slot's work queue, concurrency 1, in the deployment's pool (created once, limit restored if changed)."""
-        if (pool, queue) in self._queues:
+    async def ensure_work_queue(self, pool: str, queue: str) -> None:
+        """The slot's Prefect work queue, concurrency 1, in the deployment's pool (created once, limit restored if changed)."""
+        if (pool, queue) in self._work_queues:
             return
         try:
             existing = await self.client.read_work_queue_by_name(queue, work_pool_name=pool)
@@ -358,7 +358,7 @@ class Keeper:
         else:
             if existing.concurrency_limit != 1:
                 await self.client.update_work_queue(existing.id, concurrency_limit=1)
-        self._queues.add((pool, queue))
+        self._work_queues.add((pool, queue))
 
     async def carry_out(self, slot: Slot, plan: SlotPlan, result: KeeperResult) -> None:
         report = plan.report

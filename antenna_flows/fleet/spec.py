@@ -12,9 +12,9 @@ A spec is a YAML (or JSON) file, by default ``deployments/fleet.yaml``::
 
 Each (host, GPU) is a *slot* named ``<host>-gpu<N>``: one fair-worker run
 (``worker_name=<slot>``, ``device=cuda:<N>``), tagged ``fleet`` and
-``fleet-slot:<slot>``, queued on a work queue of its own named after the slot
+``fleet-slot:<slot>``, queued on a Prefect work queue of its own named after the slot
 with concurrency 1, so a GPU never runs two workers even if two runs exist.
-The host's Prefect worker polls only its own slots' queues::
+The host's Prefect worker polls only its own slots' Prefect work queues::
 
     python -m antenna_flows.fleet worker-command gpu-a      # prints the prefect worker start line
 
@@ -88,7 +88,7 @@ class Fleet:
     def hosts(self) -> list[str]:
         return sorted({s.host for s in self.slots})
 
-    def queues_of(self, host: str) -> list[str]:
+    def work_queues_of(self, host: str) -> list[str]:
         return [s.work_queue for s in self.slots if s.host == host]
 
 
@@ -173,8 +173,8 @@ def slot_of(tags: list[str] | None) -> str | None:
 
 
 def worker_command(fleet: Fleet, host: str, pool: str | None = None) -> list[str]:
-    """``prefect worker start`` for one host: only its slots' queues (a pool shared by hosts)."""
-    queues = fleet.queues_of(host)
+    """``prefect worker start`` for one host: only its slots' Prefect work queues (a pool shared by hosts)."""
+    queues = fleet.work_queues_of(host)
     if not queues:
         raise SpecError(f"no slot on host {host!r} (hosts: {', '.join(fleet.hosts()) or 'none'})")
     command = ["prefect", "worker", "start", "--pool", pool or "gpu-pool", "--name", f"{host}-worker"]

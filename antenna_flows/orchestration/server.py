@@ -9,8 +9,8 @@ of its own (group signals do not reach it; on Linux it still dies with the worke
 the server Prefect's clients use when no URL is set, and stops it after the flow run has returned.
 
 A Prefect API that cannot be reached surfaces from Prefect's engine as ``RuntimeError("Failed to
-reach API at ...")``; :func:`prefect_api` turns it into :class:`PrefectUnreachable`, one line
-naming the Prefect API and its URL (worded as every "cannot reach": ``antenna_flows.unreachable``).
+reach API at ...")``; :func:`prefect_api` turns it into ``ServiceUnreachable`` (one line naming the
+Prefect API and its URL, as every "cannot reach" of the product: ``antenna_flows.unreachable``).
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ import prefect
 from prefect.server.api.server import SubprocessASGIServer
 from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_ENABLED, get_current_settings
 
-from antenna_flows.unreachable import cannot_reach, transport_cause
+from antenna_flows.unreachable import ServiceUnreachable, transport_cause
 from antenna_flows.worker import FatalWorkerError
 
 log = logging.getLogger(__name__)
@@ -55,9 +55,6 @@ runpy.run_module("uvicorn", run_name="__main__", alter_sys=True)
 class PrefectServerFailed(FatalWorkerError):
     """The temporary Prefect server could not start (the worker cannot record its runs)."""
 
-
-class PrefectUnreachable(FatalWorkerError):
-    """The Prefect API cannot be reached; the message names it and its URL."""
 
 
 class DetachedPrefectServer(SubprocessASGIServer):
@@ -86,7 +83,7 @@ def prefect_api(startup_timeout_s: int = STARTUP_TIMEOUT_S) -> Iterator[str | No
 
     No ``PREFECT_API_URL`` (and Prefect's temporary servers allowed): a temporary server that
     outlives the flow run, stopped when the block ends. A connection error to that API escaping the
-    block becomes :class:`PrefectUnreachable`.
+    block becomes ``ServiceUnreachable("the Prefect API", url, why)``.
     """
     configured = PREFECT_API_URL.value()
     server: DetachedPrefectServer | None = None
@@ -107,7 +104,9 @@ def prefect_api(startup_timeout_s: int = STARTUP_TIMEOUT_S) -> Iterator[str | No
     except Exception as exc:
         cause = transport_cause(exc)
         if url and cause is not None and _same_origin(cause, url):
-            raise PrefectUnreachable(cannot_reach(cause, {})) from exc
+            where = url if configured else f"{url} (this worker's temporary Prefect server)"
+            raise ServiceUnreachable("the Prefect API", where, f"{type(cause).__name__}: {cause}; set PREFECT_API_URL "
+                                     "to a running Prefect server, or run with --orchestration plain") from exc
         raise
     finally:
         if server is not None:
