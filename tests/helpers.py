@@ -95,3 +95,30 @@ def all_answered(aadmin: AsyncAntennaAdmin, *job_ids: int) -> Callable[[], Await
         return all(j.results + j.errors >= j.total for j in jobs)
 
     return check
+
+
+# A row of real Antenna's full job list (GET /jobs/?limit=3 on Antenna 731cc2a), as it came: the shape
+# JobListItem.from_full_row reads (pipeline nested; total and saved from the progress stages).
+REAL_ANTENNA_JOB_ROW: dict[str, Any] = {
+    "id": 20,
+    "pipeline": {"id": 4, "name": "Simulated (...)", "slug": "sim-quebec_vermont_moths_2023"},
+    "status": "STARTED",
+    "progress": {
+        "summary": {"status": "STARTED", "progress": 0.9667},
+        "stages": [
+            {"status": "SUCCESS", "progress": 1.0, "key": "collect", "name": "Collect",
+             "params": [{"name": "Total Images", "key": "total_images", "category": "default", "value": 10}]},
+            {"status": "STARTED", "progress": 0.9, "key": "process", "name": "Process", "params": [
+                {"name": "Processed", "key": "processed", "value": 9},
+                {"name": "Remaining", "key": "remaining", "value": 1},
+                {"name": "Failed", "key": "failed", "value": 0}]},
+            {"status": "SUCCESS", "progress": 1.0, "key": "results", "name": "Results", "params": [
+                {"name": "Captures", "key": "captures", "value": 10},
+                {"name": "Detections", "key": "detections", "value": 10},
+                {"name": "Classifications", "key": "classifications", "value": 10}]},
+        ],
+        "errors": [],
+        "logs": [],
+    },
+    "dispatch_mode": "async_api",
+}

@@ -22,31 +22,9 @@ from antenna_flows.schemas import (
     TaskResult,
     TasksRequest,
 )
+from tests.helpers import REAL_ANTENNA_JOB_ROW
 
-# A row of real Antenna's full job list (GET /jobs/?limit=3 on Antenna 731cc2a), as it came.
-REAL_ROW = {
-    "id": 20,
-    "pipeline": {"id": 4, "name": "Simulated (...)", "slug": "sim-quebec_vermont_moths_2023"},
-    "status": "STARTED",
-    "progress": {
-        "summary": {"status": "STARTED", "progress": 0.9667},
-        "stages": [
-            {"status": "SUCCESS", "progress": 1.0, "key": "collect", "name": "Collect",
-             "params": [{"name": "Total Images", "key": "total_images", "category": "default", "value": 10}]},
-            {"status": "STARTED", "progress": 0.9, "key": "process", "name": "Process", "params": [
-                {"name": "Processed", "key": "processed", "value": 9},
-                {"name": "Remaining", "key": "remaining", "value": 1},
-                {"name": "Failed", "key": "failed", "value": 0}]},
-            {"status": "SUCCESS", "progress": 1.0, "key": "results", "name": "Results", "params": [
-                {"name": "Captures", "key": "captures", "value": 10},
-                {"name": "Detections", "key": "detections", "value": 10},
-                {"name": "Classifications", "key": "classifications", "value": 10}]},
-        ],
-        "errors": [],
-        "logs": [],
-    },
-    "dispatch_mode": "async_api",
-}
+REAL_ROW = REAL_ANTENNA_JOB_ROW  # real Antenna's full-list row (tests/helpers.py)
 
 
 def test_a_real_antenna_row_gives_id_pipeline_total_and_saved():

@@ -68,3 +68,13 @@ async def bench(nats_url: str, n: int, ack_wait_s: float = 1.0, max_deliver: int
     await streams.publish_tasks(job_id, task_list or tasks(n))
     transport = NatsTransport(await JobQueue.connect(nats_url, QueueConfig(), name="test-worker"))
     return Bench(job_id, streams, transport)
+
+
+async def add_job(b: Bench, task_list: list[PipelineProcessingTask]) -> int:
+    """A further job's stream beside ``b``'s (same queue settings, reserved through ``b.transport``), for
+    parts that serve several jobs at once; the test deletes it with ``b.streams.delete_job``."""
+    job_id = next(_job_ids)
+    await b.streams.delete_job(job_id)
+    await b.streams.create_job(job_id)
+    await b.streams.publish_tasks(job_id, task_list)
+    return job_id
