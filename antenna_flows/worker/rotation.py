@@ -15,6 +15,7 @@ from antenna_flows.scheduler import CostModel, FairScheduler, reservation_cap
 from antenna_flows.worker.base import JobInfo
 
 DEFAULT_ACK_WAIT_S = 300.0  # before any job is known (Antenna's NATS_TASK_TTR default)
+LEFT_KEPT = 1024  # jobs that left whose ack_wait is remembered
 
 
 class Rotation:
@@ -28,6 +29,7 @@ class Rotation:
         self.max_batch_size = max_batch_size
         self.clock = clock
         self.jobs: dict[int, JobInfo] = {}
+        self._left: dict[int, float] = {}  # ack_wait of jobs that left: their running/posting tasks still need it
 
     # --- membership ---------------------------------------------------------------------
 
@@ -45,10 +47,16 @@ class Rotation:
         if info.priority != priority:
             info.priority = priority
             self.scheduler.add(job_id, info.pipeline, priority)
+            self.ledger.job(job_id, priority=priority)
 
     def leave(self, job_id: int) -> JobInfo | None:
         self.scheduler.remove(job_id)
-        return self.jobs.pop(job_id, None)
+        info = self.jobs.pop(job_id, None)
+        if info is not None:
+            self._left[job_id] = info.ack_wait_s
+            while len(self._left) > LEFT_KEPT:
+                self._left.pop(next(iter(self._left)))
+        return info
 
     def __contains__(self, job_id: object) -> bool:
         return job_id in self.jobs
@@ -69,6 +77,8 @@ class Rotation:
         info = self.jobs.get(job_id) if job_id is not None else None
         if info is not None:
             return info.ack_wait_s
+        if job_id is not None and job_id in self._left:
+            return self._left[job_id]  # a job that left still has tasks held until they are settled
         return min((i.ack_wait_s for i in self.jobs.values()), default=DEFAULT_ACK_WAIT_S)
 
     def window_s(self) -> float:
