@@ -53,9 +53,10 @@ def add_devstack(subparsers: Any) -> None:
     )
     parser.add_argument(
         "--register-kinds", default="sim,ami", metavar="KINDS",
-        help="Model kinds whose algorithms are registered for every pipeline of project 1 at start, comma separated "
-        "(default sim,ami; as an operator runs `register` before starting workers). Results naming any other "
-        "algorithm are refused at save time and never acked, as Antenna does.",
+        help="Model kinds whose pipelines are registered with project 1 at start, comma separated (default sim,ami; "
+        "as an operator runs `register` before starting workers): what each kind declares, ami on the registry "
+        "slugs, sim on pipelines of its own (sim-<slug>). Results naming any other algorithm are refused at save "
+        "time and never acked, as Antenna does; so are all results of a pipeline with two detection algorithms.",
     )
     parser.add_argument(
         "--reap-dead-letters", action="store_true",

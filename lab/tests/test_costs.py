@@ -17,7 +17,7 @@ import httpx
 import pytest
 
 from antenna_flows.antenna_client import AntennaClient
-from antenna_lab.antenna.costs import AntennaCosts
+from antenna_lab.antenna.costs import AntennaCosts, Cpu
 from antenna_lab.antenna.devstack import DevStack
 from antenna_lab.antenna.streams import JobStreams
 from antenna_lab.settings import ApiSettings, QueueSettings
@@ -167,3 +167,60 @@ def test_costs_load_from_a_scenario_or_a_section(tmp_path) -> None:
     assert [costs.request_cost_s(c) for c in ("jobs", "tasks", "result", "other")] == [0.1, 0.2, 0.3, 0.1]
     with pytest.raises(ValueError):
         AntennaCosts.model_validate({**section, "web_worker": 1})  # a typo is an error, not a free Antenna
+
+
+# --- CPU shared by web and save workers (cpu_cores) ------------------------------------------------------------
+
+
+async def _finish_times(cpu: Cpu, plan: list[tuple[float, float]]) -> list[float]:
+    """Run pieces of (start offset, CPU seconds) on ``cpu``; when each ended, from the first start."""
+    start = time.monotonic()
+
+    async def piece(at: float, seconds: float) -> float:
+        await asyncio.sleep(at)
+        await cpu.run(seconds)
+        return time.monotonic() - start
+
+    return list(await asyncio.gather(*[piece(at, s) for at, s in plan]))
+
+
+async def test_cpu_shares_its_cores_among_the_work_under_way() -> None:
+    one = await _finish_times(Cpu(1), [(0.0, 0.2), (0.0, 0.2)])
+    assert all(0.38 <= t < 0.55 for t in one)  # one core: both at half speed
+    two = await _finish_times(Cpu(2), [(0.0, 0.2), (0.0, 0.2)])
+    assert all(0.18 <= t < 0.33 for t in two)  # a core each
+    three = await _finish_times(Cpu(2), [(0.0, 0.3)] * 3)
+    assert all(0.43 <= t < 0.6 for t in three)  # 0.9 CPU s on 2 cores
+    # staggered on one core: A alone for 0.1 s, then both at half speed until B's 0.1 s is done (at 0.3),
+    # then A alone again with 0.2 s left
+    a, b = await _finish_times(Cpu(1), [(0.0, 0.4), (0.1, 0.1)])
+    assert 0.28 <= b < 0.4 and 0.48 <= a < 0.65
+    free = await _finish_times(Cpu(None), [(0.0, 0.2)] * 4)
+    assert all(0.18 <= t < 0.33 for t in free)  # no model: fixed delays
+
+
+async def test_cancelled_work_stops_taking_cpu() -> None:
+    cpu = Cpu(1)
+    hog = asyncio.create_task(cpu.run(10.0))
+    await asyncio.sleep(0.05)
+    hog.cancel()
+    [t] = await _finish_times(cpu, [(0.0, 0.2)])
+    assert t < 0.33 and not cpu._work  # noqa: SLF001 - the one piece of state this test is about
+
+
+async def test_requests_slow_the_saves_when_they_share_the_cpu(costly) -> None:
+    """``cpu_cores``: the web workers and save workers share the cores, as gunicorn and Celery do on Antenna's
+    host: with one core, saves running while requests are served take longer than ``save_s_per_result``."""
+    stack = costly(web_workers=2, request_s={"jobs": 0.2}, save_workers=1, save_s_per_result=0.1, cpu_cores=1)
+    api = stack.admin.client
+    job = stack.create_job(PIPELINE, 4)
+    tasks = reserve(api, job.id, 4)
+    started = time.monotonic()
+    assert post_results(api, job.id, *[(t["reply_subject"], success(t)) for t in tasks]).status_code == 200
+    async with _worker_client(stack) as client:
+        await asyncio.gather(*[client.get("jobs/", params={"ids_only": 1}) for _ in range(4)])
+    stack.wait_saved(timeout=10)
+    took = time.monotonic() - started
+    # alone the 4 saves take 0.4 s; with 0.8 CPU s of requests on the one core, both finish after ~1.2 s
+    assert took >= 0.9
+    assert stack.antenna.web.cpu.busy_s >= 1.1

@@ -47,7 +47,7 @@ from antenna_lab.antenna.drf import (
     parse_json,
     validate,
 )
-from antenna_lab.antenna.costs import AntennaCosts, WebWorkers
+from antenna_lab.antenna.costs import AntennaCosts, Cpu, WebWorkers
 from antenna_lab.antenna.jobplane import SAVE_WORKERS, JobPlane, NatsUnavailable
 from antenna_lab.antenna.models import Job, JobCreate
 from antenna_lab.antenna.store import PipelineNotConfigured, Store
@@ -82,12 +82,14 @@ _ON_WEB_WORKER: ContextVar[bool] = ContextVar("on_web_worker", default=False)  #
 class LocalAntenna:
     """What the app's handlers share (``app.state.antenna``): the job plane, the token, images, faults."""
 
-    def __init__(self, plane: JobPlane, token: str, max_body_bytes: int, costs: AntennaCosts | None = None):
+    def __init__(
+        self, plane: JobPlane, token: str, max_body_bytes: int, costs: AntennaCosts | None = None, cpu: Cpu | None = None
+    ):
         self.plane = plane
         self.token = token
         self.max_body_bytes = max_body_bytes
         self.costs = costs
-        self.web = WebWorkers(costs) if costs is not None else None  # None: requests cost nothing
+        self.web = WebWorkers(costs, cpu) if costs is not None else None  # None: requests cost nothing
         self.heartbeat_throttle_s = HEARTBEAT_THROTTLE_S
         self.online_window_s = ONLINE_WINDOW_S
         self._heartbeats: dict[str, float] = {}  # throttle key -> when it last marked services seen
@@ -202,13 +204,15 @@ def create_app(
     ``save_workers``. None: nothing is charged.
     ``heartbeat_throttle_s``, ``online_window_s``: Antenna's liveness (30 s, 60 s), shorter in tests.
     """
+    cpu = None
     if costs is not None:
         save_workers = costs.save_workers
+        cpu = Cpu(costs.cpu_cores)  # one machine: web workers and save workers share its cores
     plane = JobPlane(
         store, nats_url, queue_config, save_workers=save_workers, reap_dead_letters=reap_dead_letters, seed=seed,
-        save_s_per_result=costs.save_s_per_result if costs is not None else 0.0,
+        save_s_per_result=costs.save_s_per_result if costs is not None else 0.0, cpu=cpu,
     )
-    antenna = LocalAntenna(plane, token, max_body_bytes, costs)
+    antenna = LocalAntenna(plane, token, max_body_bytes, costs, cpu)
     antenna.heartbeat_throttle_s = heartbeat_throttle_s
     antenna.online_window_s = online_window_s
 

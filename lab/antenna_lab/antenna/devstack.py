@@ -187,7 +187,9 @@ class DevStack:
         return self
 
     def _preregister(self) -> None:
-        """Register ``register_kinds``' algorithms for every registry pipeline (names and keys only)."""
+        """Register what each of ``register_kinds`` declares (``declared_pipelines``): ``ami`` on the registry
+        slugs, ``sim`` on pipelines of its own (``sim-<slug>``), so no pipeline gets two detectors. Names and
+        keys only (no label files needed): the store counts them as registered with their category maps."""
         from antenna_flows.registration import declared_pipelines
 
         for kind in self.register_kinds:

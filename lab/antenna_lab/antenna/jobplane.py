@@ -40,6 +40,7 @@ import nats.errors
 from nats.aio.msg import Msg
 from nats.js.errors import APIError
 
+from antenna_lab.antenna.costs import Cpu
 from antenna_lab.antenna.drf import BadRequest
 from antenna_lab.antenna.models import CREATED, Job, JobCreate
 from antenna_lab.antenna.store import Conflict, ImageRecord, NewResult, Store
@@ -109,6 +110,7 @@ class JobPlane:
         reap_dead_letters: bool = False,
         seed: int = 0,
         save_s_per_result: float = 0.0,
+        cpu: Cpu | None = None,
     ):
         self.store = store
         self.nats_url = nats_url
@@ -131,9 +133,12 @@ class JobPlane:
         self.saves_done = 0
         self.saves_failed = 0
         self.save_s_per_result = max(0.0, save_s_per_result)  # what one save costs (the cost model)
+        self.cpu = cpu or Cpu(None)  # where that cost is spent (shared with the web workers when modelled)
         self.save_queue_peak = 0  # results accepted and not yet saved, at most
         self._answered: dict[int, dict[str, float]] = {}  # job -> image (or reply subject) -> first acceptance
         self._save_delays: dict[int, list[float]] = {}  # job -> acceptance-to-save seconds of each stored save
+        self._unsaved: dict[tuple[int, str], int] = {}  # (job, image key) -> its answers accepted, not yet saved
+        self._dead_waiting: dict[int, set[int]] = {}  # job -> dead-lettered stream seqs whose answer is being saved
 
     # --- fault controls (the bench's save_errors and slow_saves) -----------------------------
 
@@ -392,7 +397,9 @@ class JobPlane:
         wall = time.time()
         for item in queued:
             self._saves.put_nowait(item)
-            answered.setdefault(_answer_key(item), wall)
+            key = _answer_key(item)
+            answered.setdefault(key, wall)
+            self._unsaved[(job.id, key)] = self._unsaved.get((job.id, key), 0) + 1
         self.save_queue_peak = max(self.save_queue_peak, self.saves_pending)
         return ResultsResponse(
             job_id=job.id,
@@ -419,6 +426,10 @@ class JobPlane:
                 self.saves_done += 1
             finally:
                 self._saving -= 1
+                pending = (item.job_id, _answer_key(item))
+                self._unsaved[pending] = self._unsaved.get(pending, 1) - 1
+                if self._unsaved[pending] <= 0:
+                    del self._unsaved[pending]
                 self._saves.task_done()
 
     async def _save_one(self, item: QueuedSave) -> None:
@@ -427,8 +438,7 @@ class JobPlane:
         With a cost model, a save (stored, refused or failed alike) holds its save worker
         ``save_s_per_result`` first: the time Antenna's Celery spends on one result.
         """
-        if self.save_s_per_result > 0:
-            await asyncio.sleep(self.save_s_per_result)
+        await self.cpu.run(self.save_s_per_result)
         now = time.monotonic()
         if now < self._slow_saves_until and self._slow_saves_delay_s > 0:
             # Latency, not throughput: a save lands delay_s after it was queued (a backlog of that age),
@@ -585,7 +595,7 @@ class JobPlane:
         for job_id in self.store.active_job_ids():
             try:
                 if self.reap_dead_letters:
-                    seqs = await queue.dead_letters(job_id)
+                    seqs = await queue.dead_letters(job_id) + sorted(self._dead_waiting.pop(job_id, ()))
                     if seqs and self._dead_letters(job_id, seqs):
                         await self.finish(job_id)
                         continue
@@ -605,12 +615,19 @@ class JobPlane:
             await self.finish(job_id)
 
     def _dead_letters(self, job_id: int, seqs: list[int]) -> bool:
-        """Record an error result for each dead-lettered image without one; True if that completed the job."""
+        """Record an error result for each dead-lettered image without one; True if that completed the job.
+
+        An image whose last delivery was answered, with that answer still in the save queue, is no dead
+        letter yet (a slow save queue, as Antenna's under load): it is looked at again at the next round,
+        and reaped only if its saves are done and none stored a result."""
         job = self.store.job(job_id)
         if job is None:
             return False
         images = self.store.images_by_seq(job_id, seqs)
-        hits = [images[s] for s in seqs if s in images]
+        waiting = {s for s in seqs if s in images and self._unsaved.get((job_id, images[s]))}
+        if waiting:
+            self._dead_waiting.setdefault(job_id, set()).update(waiting)
+        hits = [images[s] for s in seqs if s in images and s not in waiting]
         error = f"task exceeded max_deliver ({job.max_deliver} deliveries) without a result"
         outcome = self.store.record_dead_letters(job_id, hits, error)
         new = [image_id for image_id, stored in zip(hits, outcome.stored) if stored]

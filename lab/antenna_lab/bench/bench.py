@@ -831,6 +831,7 @@ class Bench:
             "save_delay_s": _spread(every),
             "save_delay_by_job_images": {str(k): _spread(v) for k, v in sorted(by_size.items())},
             "web": antenna.web.stats() if antenna.web is not None else None,
+            "cpu_busy_s": _r(antenna.web.cpu.busy_s) if antenna.web is not None else None,
         }
 
     def _handovers(self, out_dir: Path, t0: float) -> list[dict[str, Any]]:
