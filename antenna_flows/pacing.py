@@ -44,42 +44,66 @@ LAG_CUT_S = 30.0  # ...for this long
 
 
 class FleetShare:
-    """This worker's share of the fleet's deliveries, read from JetStream's consumer sequences.
+    """This worker's share of the fleet's deliveries, from JetStream's consumer delivery sequences.
 
-    Every delivery carries the consumer's delivery sequence (in its reply subject): between
-    two of this worker's reservations from a job, the sequence moved by what the whole fleet
-    took, of which this worker took its own batch. ``share`` is own / fleet over the last
-    ``window_s``; ``fleet_size`` its inverse (workers at this worker's pace). A worker that
-    has seen nothing keeps its last estimate (1.0 at first).
+    Every delivery advances its consumer's delivery sequence, whoever takes it. The fleet's
+    deliveries of a job between two readings of that sequence (the consumer's own counter over
+    NATS, :meth:`consumer`; the sequence in the reply subjects of this worker's own reservations
+    over REST, :meth:`observe`) are spread evenly over the time between the readings; ``share``
+    is this worker's deliveries over the fleet's in the last ``window_s``, ``fleet_size`` its
+    inverse (workers at this worker's pace). Spreading matters: a job this worker reserved from
+    twice, a minute apart, says what the fleet took in that minute, not in the last 30 s. A worker
+    that has seen too little keeps its last estimate (1.0 at first).
     """
 
     def __init__(self, clock: Callable[[], float] = time.monotonic, window_s: float = SHARE_WINDOW_S):
         self.clock = clock
         self.window_s = window_s
-        self._last_seq: dict[int, int] = {}
-        self._samples: deque[tuple[float, int, int]] = deque()  # (t, own, fleet)
+        self._last: dict[int, tuple[float, int]] = {}  # job -> (when, delivery sequence) last read
+        self._read_by_consumer: set[int] = set()  # jobs whose consumer counter is read (exact)
+        self._own: deque[tuple[float, int]] = deque()  # (t, deliveries to this worker)
+        self._fleet: deque[tuple[float, float, int]] = deque()  # (from, to, deliveries to anyone)
         self._last_share = 1.0
 
+    def _reading(self, job_id: int, seq: int, now: float) -> None:
+        last = self._last.get(job_id)
+        if last is not None and seq > last[1]:
+            self._fleet.append((last[0], now, seq - last[1]))
+        if last is None or seq >= last[1]:
+            self._last[job_id] = (now, seq)
+
+    def consumer(self, job_id: int, delivery_seq: int) -> None:
+        """The job consumer's delivery sequence, read from JetStream (all deliveries, all workers)."""
+        self._read_by_consumer.add(job_id)
+        self._reading(job_id, delivery_seq, self.clock())
+
     def observe(self, job_id: int, consumer_seqs: Iterable[int]) -> None:
+        """The delivery sequences in the reply subjects of one of this worker's reservations."""
         seqs = sorted(s for s in consumer_seqs if s > 0)
         if not seqs:
             return
-        last = self._last_seq.get(job_id)
-        top = seqs[-1]
-        if last is not None and top > last:
-            own = sum(1 for s in seqs if s > last)
-            self._samples.append((self.clock(), own, top - last))
-        self._last_seq[job_id] = top if last is None else max(last, top)
+        now = self.clock()
+        self._own.append((now, len(seqs)))
+        if job_id not in self._read_by_consumer:
+            self._reading(job_id, seqs[-1], now)
 
     def forget(self, job_id: int) -> None:
-        self._last_seq.pop(job_id, None)
+        self._last.pop(job_id, None)
+        self._read_by_consumer.discard(job_id)
 
     def share(self) -> float:
-        cutoff = self.clock() - self.window_s
-        while self._samples and self._samples[0][0] < cutoff:
-            self._samples.popleft()
-        own = sum(s[1] for s in self._samples)
-        fleet = sum(s[2] for s in self._samples)
+        now = self.clock()
+        start = now - self.window_s
+        while self._own and self._own[0][0] <= start:
+            self._own.popleft()
+        while self._fleet and self._fleet[0][1] < start:
+            self._fleet.popleft()
+        own = sum(n for _, n in self._own)
+        fleet = 0.0
+        for t0, t1, n in self._fleet:
+            span = t1 - t0
+            fleet += n if span <= 0 else n * max(0.0, t1 - max(t0, start)) / span
+        fleet = max(fleet, float(own))
         if fleet >= 8:  # enough deliveries to say something
             self._last_share = min(1.0, max(0.01, own / fleet))
         return self._last_share
@@ -209,6 +233,18 @@ class SavePacer:
         """Estimated answers queued for a save beyond what the GPUs hold (for logs and the record)."""
         rate = self.save_rate() or 0.0
         return max(0.0, self.in_flight() - rate * self.hold_s)
+
+    def describe(self, share: float) -> str:
+        """One line for the worker's log: what the pacer sees and decides."""
+        rate = self.save_rate()
+        if rate is None:
+            return "pacing: no save measured yet (reserving at the GPU's pace)"
+        window = self.window()
+        flight = self.in_flight()
+        return (f"pacing: Antenna saves {rate:.1f}/s, fleet in flight {flight:.0f} of a window of {window:.0f} "
+                f"(queued for a save ~{self.backlog():.0f}, {self.save_delay_s():.1f}s), hold {self.hold_s:.1f}s, "
+                f"share {share:.2f} (fleet of ~{1 / share:.1f}), room for {self.allowance(share):.0f}"
+                + (", eased off after a late save" if self.clock() < self._cut_until else ""))
 
     def save_delay_s(self) -> float:
         """How long an answer posted now would wait for its save (backlog over save rate); 0 when Antenna

@@ -19,15 +19,39 @@ def test_fleet_share_reads_the_workers_share_from_consumer_sequences():
     clock = Clock()
     share = FleetShare(clock)
     assert share.share() == 1.0 and share.fleet_size() == 1.0  # alone until told otherwise
-    share.observe(7, [1, 2, 3, 4])  # the first reservation: nothing to compare with yet
+    share.observe(7, [1, 2, 3, 4])
     last = 4
-    for _ in range(10):  # four workers taking turns: between our reservations the fleet took 16
+    for _ in range(40):  # four workers taking turns: between our reservations the fleet took 16
         clock.t += 1
         share.observe(7, range(last + 13, last + 17))
         last += 16
     assert abs(share.share() - 0.25) < 1e-9 and abs(share.fleet_size() - 4.0) < 1e-9
     clock.t += 100  # a quiet spell: the last estimate is kept, not reset
     assert abs(share.fleet_size() - 4.0) < 1e-9
+
+
+def test_a_job_reserved_from_rarely_does_not_inflate_the_fleet():
+    """Two reservations from a job a minute apart: what the fleet took in that minute is spread over it."""
+    clock = Clock()
+    share = FleetShare(clock, window_s=30.0)
+    share.observe(1, [1, 2, 3, 4])
+    for i in range(60):  # job 2: every second, this worker takes 1 of the fleet's 4
+        clock.t += 1
+        share.observe(2, [4 * i + 4])
+    share.observe(1, range(241, 245))  # job 1 again, 60 s later: 240 deliveries since
+    # in the last 30 s: ours 30 + 4 = 34 of the fleet's 30*4 + 240/2 = 240
+    assert abs(share.share() - 34 / 240) < 1e-9
+
+
+def test_the_consumers_own_counter_wins_over_reply_subjects():
+    clock = Clock()
+    share = FleetShare(clock)
+    share.consumer(1, 100)
+    for _ in range(10):
+        clock.t += 1
+        share.observe(1, [0 + 1])  # reply subjects say little; the consumer says 20 per second
+        share.consumer(1, share._last[1][1] + 20)
+    assert abs(share.share() - 10 / 200) < 1e-9
 
 
 def test_no_window_until_saves_are_seen_then_the_window_follows_the_save_rate():

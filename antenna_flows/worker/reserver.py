@@ -39,6 +39,8 @@ from antenna_flows.worker.rotation import Rotation
 
 log = logging.getLogger(__name__)
 
+PACING_LOG_S = 10.0  # how often the pacer's view is logged while serving
+
 
 @dataclass
 class ReservePolicy:
@@ -96,9 +98,11 @@ class Reserver:
         self.pacer = pacer  # None: reserve as fast as the GPU runs
         self.share = share or FleetShare(rotation.clock)
         self.paced = False  # the last round was bound by Antenna's saves (for logs and the record)
+        self._said_at = -math.inf
 
     async def run(self) -> None:
         while not self.pulse.stopping.is_set():
+            self._say()
             try:
                 await self.round()
             except AuthError as exc:
@@ -109,6 +113,14 @@ class Reserver:
             await wait_for(self.pulse.reserve, TICK_S)
 
     # --- reserving ----------------------------------------------------------------------
+
+    def _say(self) -> None:
+        """The pacer's view in the log every PACING_LOG_S while serving jobs."""
+        now = self.rotation.clock()
+        if self.pacer is not None and len(self.rotation) and now - self._said_at >= PACING_LOG_S:
+            self._said_at = now
+            log.info("worker %s: %s%s", self.name, self.pacer.describe(self.share.share()),
+                     "; paced" if self.paced else "")
 
     def room(self) -> float:
         """Tasks Antenna's saves leave room for (this worker's share); infinite when not pacing."""

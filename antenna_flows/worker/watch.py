@@ -19,7 +19,7 @@ import logging
 from typing import Callable
 
 from antenna_flows.jetstream import StreamGone
-from antenna_flows.pacing import SavePacer
+from antenna_flows.pacing import FleetShare, SavePacer
 from antenna_flows.transport import Transport
 from antenna_flows.worker.base import OUTAGES, Pulse, wait_for
 from antenna_flows.worker.held import HeldTask, State, TaskStore
@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 class SaveWatch:
     def __init__(self, name: str, transport: Transport, rotation: Rotation, store: TaskStore, settler: Settler,
                  pacer: SavePacer, pulse: Pulse, interval_s: float, *,
-                 answer_again: Callable[[HeldTask], None]):
+                 answer_again: Callable[[HeldTask], None], share: FleetShare | None = None):
         self.name = name
         self.transport = transport
         self.rotation = rotation
@@ -42,6 +42,7 @@ class SaveWatch:
         self.pulse = pulse
         self.interval_s = interval_s
         self.answer_again = answer_again
+        self.share = share
 
     async def run(self) -> None:
         if not self.transport.can_extend:  # REST: the job list's progress is the signal (discovery)
@@ -63,6 +64,8 @@ class SaveWatch:
             if stats is None:
                 continue
             self.pacer.saved(job_id, stats.done, stats.delivered_msgs)
+            if self.share is not None:
+                self.share.consumer(job_id, stats.deliveries)
             self.pacer.undelivered(job_id, stats.pending)
             await self._held_redeliveries(job_id, stats.ack_floor)
         await asyncio.sleep(0)
