@@ -37,7 +37,8 @@ from dataclasses import dataclass
 from typing import Callable, Iterable
 
 SHARE_WINDOW_S = 30.0  # how far back the fleet share looks
-RATE_WINDOW_S = 10.0  # how far back the save rate looks (at least two refreshes of the counters)
+RATE_WINDOW_S = 10.0  # how far back the save rate looks...
+RATE_READINGS = 4  # ...or over the last this many readings of the counters, whichever is longer
 HOLD_ALPHA = 0.2  # EWMA weight of a new hold-time sample
 LAG_CUT = 0.5  # a redelivery of an answer not yet saved: the window is cut to this fraction...
 LAG_CUT_S = 30.0  # ...for this long
@@ -132,7 +133,9 @@ class SavePacer:
         self.hold_s = initial_hold_s
         self._jobs: dict[int, _Job] = {}
         self._saves: deque[tuple[float, int]] = deque()  # (t, saved since the previous reading)
+        self._readings: deque[float] = deque(maxlen=RATE_READINGS)  # when the last readings were taken
         self._first_reading: float | None = None
+        self.cold_window = math.inf  # the window until a save is seen (set by the worker: what its GPU holds)
         self._cut_until = 0.0
 
     # --- what the worker sees -------------------------------------------------------------
@@ -152,6 +155,8 @@ class SavePacer:
             self._saves.append((now, done - job.done))
         if self._first_reading is None:
             self._first_reading = now
+        if not self._readings or now > self._readings[-1]:
+            self._readings.append(now)
         job.done = max(job.done, done)
         job.read_at = now
 
@@ -179,20 +184,26 @@ class SavePacer:
     # --- what it decides --------------------------------------------------------------------
 
     def save_rate(self) -> float | None:
-        """Saved answers per second, fleet-wide, over the readings of the last ``rate_window_s``
-        (None until readings span a second). Measured up to the latest reading, so a pause between
-        readings (seconds apart over REST) does not read as a pause in saving."""
-        now = self.clock()
-        cutoff = now - self.rate_window_s
-        while self._saves and self._saves[0][0] <= cutoff:
-            self._saves.popleft()
-        if self._first_reading is None:
+        """Saved answers per second, fleet-wide: what the readings of the last ``rate_window_s`` (at
+        least the last few readings, seconds apart over REST) say, measured up to the latest reading
+        so a pause between readings does not read as a pause in saving. None until a save is seen."""
+        if not self._readings or len(self._readings) < 2:
             return None
-        last = max((j.read_at for j in self._jobs.values()), default=self._first_reading)
-        span = last - max(cutoff, self._first_reading)
+        last = self._readings[-1]
+        start = min(last - self.rate_window_s, self._readings[0])
+        while self._saves and self._saves[0][0] <= start:
+            self._saves.popleft()
+        if not self._saves and self._ever_saved_before(start):
+            return 0.0  # Antenna saved before, and nothing since: its saves stopped (an outage)
+        if not self._saves:
+            return None  # nothing saved yet: no evidence of Antenna's pace either way
+        span = last - max(start, self._first_reading or start)
         if span < 1.0:
-            return None if last - self._first_reading < 1.0 else 0.0
+            return None
         return sum(n for _, n in self._saves) / span
+
+    def _ever_saved_before(self, t: float) -> bool:
+        return any(j.done > 0 for j in self._jobs.values())
 
     def in_flight(self) -> float:
         """Tasks handed out and not yet saved, fleet-wide; saves since each reading extrapolated."""
@@ -211,7 +222,7 @@ class SavePacer:
         the GPUs hold while the queue drains; infinite until a save rate is known."""
         rate = self.save_rate()
         if rate is None:
-            return math.inf
+            return self.cold_window
         backlog = max(self.min_backlog, rate * self.backlog_s)
         if self.clock() < self._cut_until:
             backlog *= LAG_CUT

@@ -111,8 +111,11 @@ class Discovery:
             fleet = max(1.0, self.fleet_size())
             wait = next(waits) * fleet
             if len(self.rotation) and not self.transport.announces_jobs:
-                # Over REST only polls find new jobs (and read saves): while busy, the fleet polls sooner.
-                wait = min(wait, self.policy.busy_interval_s * fleet * self.rng.uniform(0.75, 1.25))
+                # Over REST only polls find new jobs (and read saves): while busy, the fleet polls sooner,
+                # and each worker at its own pace until it has seen Antenna save (the pacer's first rate).
+                cold = self.policy.progress_polls and self.pacer is not None and self.pacer.save_rate() is None
+                busy = self.policy.busy_interval_s * (1.0 if cold else fleet)
+                wait = min(wait, busy * self.rng.uniform(0.75, 1.25))
             if not await wait_for(self.pulse.discover, wait) or self.pulse.stopping.is_set():
                 continue
             # A stream was just created: its job is listed once Antenna has published its tasks.
