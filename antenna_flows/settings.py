@@ -274,7 +274,7 @@ class WorkerSettings(AntennaSettings):
         "this worker holds go at once); posts carry at most antenna_api_batch_size results.",
     )
     min_reserve_chunk: int = Field(
-        4, ge=1,
+        8, ge=1,
         description="While paced to Antenna's saves, reserve at least this many tasks of one job at a time (one "
         "request, one post), waiting for that much room rather than asking for one or two.",
     )
