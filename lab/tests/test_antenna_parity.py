@@ -387,3 +387,22 @@ async def test_polls_mark_the_services_of_their_pipelines_seen_throttled(nats_se
         assert _service(api, "worker (gpu-1)")["last_seen"] > tasked
         one = api.get(f"ml/processing_services/{registered['id']}/").json()
         assert one["name"] == "worker (gpu-1)" and one["last_seen_live"] is True
+
+
+async def test_the_full_job_list_carries_antennas_progress_stages(stack: Any, api: httpx.Client) -> None:
+    """Antenna's job rows nest the pipeline and carry ``progress.stages``: ``collect`` (``total_images``) and
+    ``results`` (the fraction saved). A worker pacing over REST reads its saved counts there."""
+    job = stack.create_job(PIPELINE, 4)
+    tasks = reserve(api, job.id, 3)
+    assert post_results(api, job.id, *[(t["reply_subject"], success(t)) for t in tasks]).status_code == 200
+    stack.wait_saved()
+    row = api.get("jobs/", params={"incomplete_only": 1, "pipeline__slug__in": PIPELINE}).json()["results"][0]
+    assert row["pipeline"]["slug"] == PIPELINE and row["project"]["id"] == 1
+    stages = {s["key"]: s for s in row["progress"]["stages"]}
+    assert stages["collect"]["params"][0] == {"name": "Total Images", "key": "total_images", "category": "default",
+                                              "value": 4}
+    assert stages["results"]["progress"] == 0.75 and stages["results"]["status"] == "STARTED"
+    async with AntennaClient(stack.api_url, stack.token) as worker:
+        [listed] = await worker.list_jobs([PIPELINE], progress=True)
+    assert (listed.id, listed.total, listed.saved) == (job.id, 4, 3)
+    assert api.get(f"jobs/{job.id}/").json()["progress"]["summary"] == {"status": "STARTED", "progress": 0.75}

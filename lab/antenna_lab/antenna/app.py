@@ -414,9 +414,15 @@ async def list_jobs(request: Request) -> dict[str, Any]:
     if ids_only:
         rows: list[dict[str, Any]] = [{"id": j.id, "pipeline_slug": j.pipeline_slug, "priority": j.priority} for j in jobs]
     else:
-        rows = [j.model_dump(mode="json") for j in jobs]
+        rows = [_job_json(j) for j in jobs]
     next_url, previous_url = _page_links(request, count, limit, offset)
     return {"count": count, "next": next_url, "previous": previous_url, "results": rows}
+
+
+def _job_json(job: Job) -> dict[str, Any]:
+    """Our job object (progress and queue statistics in one place) with the fields Antenna's job
+    serializer gives a worker: ``pipeline`` and ``project`` nested, ``progress`` with its stages."""
+    return {**job.model_dump(mode="json"), **job.antenna_fields()}
 
 
 def _page_links(request: Request, count: int, limit: int, offset: int) -> tuple[str | None, str | None]:
@@ -438,14 +444,14 @@ async def create_job(request: Request) -> dict[str, Any]:
     """Our admin extension: a job from image URLs and a pipeline; its tasks are published at once."""
     body: JobCreate = await _body(request, JobCreate)
     job = await _antenna(request).plane.create_job(body)
-    return job.model_dump(mode="json")
+    return _job_json(job)
 
 
 @api.get("/jobs/{job_id:int}/")
 async def get_job(request: Request, job_id: int) -> dict[str, Any]:
     antenna = _antenna(request)
     job = await antenna.plane.live(_job_or_404(antenna, job_id))
-    return job.model_dump(mode="json")
+    return _job_json(job)
 
 
 @api.post("/jobs/{job_id:int}/run/")
@@ -453,7 +459,7 @@ async def run_job(request: Request, job_id: int) -> dict[str, Any]:
     """Start a job created with ``start: false`` (Antenna's run action)."""
     antenna = _antenna(request)
     job = await antenna.plane.run_job(_job_or_404(antenna, job_id))
-    return job.model_dump(mode="json")
+    return _job_json(job)
 
 
 @api.post("/jobs/{job_id:int}/cancel/")
@@ -461,7 +467,7 @@ async def cancel_job(request: Request, job_id: int) -> dict[str, Any]:
     """REVOKED, and its stream, consumer and dead-letter consumer deleted (as Antenna does)."""
     antenna = _antenna(request)
     job = await antenna.plane.cancel(_job_or_404(antenna, job_id))
-    return job.model_dump(mode="json")
+    return _job_json(job)
 
 
 @api.post("/jobs/{job_id:int}/tasks/")

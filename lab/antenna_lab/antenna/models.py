@@ -8,7 +8,7 @@ place (what the field report's table shows). The contract shapes live in
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -77,6 +77,40 @@ class Job(BaseModel):
     @property
     def processed(self) -> int:
         return self.results + self.errors
+
+    def antenna_fields(self) -> dict[str, Any]:
+        """What Antenna's job serializers add that a worker reads (``ami/jobs/serializers.py``, the job's
+        ``progress`` JSON, ``ami/jobs/models.py`` ``JobProgress``): the pipeline and project nested, and the
+        progress stages: ``collect`` (``total_images``), ``process`` (processed, remaining, failed) and
+        ``results`` (its ``progress``: the fraction of images whose answer is saved). A worker pacing over
+        REST reads saved counts there. Here an answer counts in both stages once it is saved."""
+        fraction = self.processed / self.total if self.total else 1.0
+        stage_status = "SUCCESS" if self.final and self.status != REVOKED else self.status
+        done = self.final or fraction >= 1.0
+
+        def stage(key: str, name: str, params: list[tuple[str, str, Any]], progress: float) -> dict[str, Any]:
+            return {"status": "SUCCESS" if progress >= 1.0 else stage_status, "progress": round(progress, 6),
+                    "key": key, "name": name,
+                    "params": [{"name": n, "key": k, "category": "default", "value": v} for n, k, v in params]}
+
+        return {
+            "pipeline": {"slug": self.pipeline_slug, "name": self.pipeline_slug},
+            "project": {"id": self.project_id},
+            "progress": {
+                "summary": {"status": self.status, "progress": 1.0 if done else round(fraction, 6)},
+                "stages": [
+                    stage("collect", "Collect", [("Total Images", "total_images", self.total)], 1.0),
+                    stage("process", "Process", [("Processed", "processed", self.processed),
+                                                 ("Remaining", "remaining", self.total - self.processed),
+                                                 ("Failed", "failed", self.errors)], fraction),
+                    stage("results", "Results", [("Captures", "captures", self.results),
+                                                 ("Detections", "detections", self.results),
+                                                 ("Classifications", "classifications", self.results)], fraction),
+                ],
+                "errors": [],
+                "logs": [],
+            },
+        }
 
     @property
     def active(self) -> bool:
