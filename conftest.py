@@ -13,6 +13,7 @@ import httpx
 import pytest
 
 from antenna_lab.antenna.admin import AntennaAdmin
+from antenna_lab.antenna.costs import AntennaCosts
 from antenna_lab.antenna.devstack import DevStack
 from antenna_lab.antenna.streams import JobStreams
 from antenna_lab.antenna.natsserver import EmbeddedNats
@@ -41,7 +42,7 @@ def stack_factory(nats_server: EmbeddedNats, tmp_path_factory: pytest.TempPathFa
 
     ``make(ack_wait_s=2.0, max_deliver=2, max_ack_pending=1000, own_nats=False,
     max_body_bytes=..., housekeeping_interval_s=0.2, register_kinds=("sim", "ami"),
-    reap_dead_letters=False, save_workers=2, seed=0)``: queue settings apply
+    reap_dead_letters=False, save_workers=2, seed=0, costs=None)``: queue settings apply
     to the stack's jobs; ``own_nats=True`` gives the stack an embedded
     nats-server of its own (for NATS outages), else it uses ``nats_server``.
     Housekeeping (stats samples, and dead letters with ``reap_dead_letters``) runs every
@@ -61,6 +62,7 @@ def stack_factory(nats_server: EmbeddedNats, tmp_path_factory: pytest.TempPathFa
         reap_dead_letters: bool = False,
         save_workers: int = 2,
         seed: int = 0,
+        costs: AntennaCosts | None = None,
     ) -> DevStack:
         queue = QueueSettings(
             nats_url=None if own_nats else nats_server.url,
@@ -85,6 +87,7 @@ def stack_factory(nats_server: EmbeddedNats, tmp_path_factory: pytest.TempPathFa
             reap_dead_letters=reap_dead_letters,
             save_workers=save_workers,
             seed=seed,
+            costs=costs,
         )
         stacks.append(stack)
         return stack.start()

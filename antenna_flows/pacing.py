@@ -135,10 +135,15 @@ class SavePacer:
         self._saves: deque[tuple[float, int]] = deque()  # (t, saved since the previous reading)
         self._readings: deque[float] = deque(maxlen=RATE_READINGS)  # when the last readings were taken
         self._first_reading: float | None = None
-        self.cold_window = math.inf  # the window until a save is seen (set by the worker: what its GPU holds)
+        self.cold_limit = math.inf  # until a save is seen: most tasks this worker takes (what its GPU holds, x2)
+        self._taken = 0  # fresh tasks this worker took, all of them unsaved as far as it knows while cold
         self._cut_until = 0.0
 
     # --- what the worker sees -------------------------------------------------------------
+
+    def took(self, n: int) -> None:
+        """This worker reserved ``n`` fresh tasks (not redeliveries)."""
+        self._taken += n
 
     def delivered(self, job_id: int, delivered: int) -> None:
         """The highest stream sequence handed out so far (from a reply subject or the consumer)."""
@@ -219,21 +224,30 @@ class SavePacer:
 
     def window(self) -> float:
         """The fleet's in-flight budget: a few seconds of saves queued (at least ``min_backlog``) plus what
-        the GPUs hold while the queue drains; infinite until a save rate is known."""
+        the GPUs hold while the queue drains; infinite until a save rate is known (see :meth:`allowance`)."""
         rate = self.save_rate()
         if rate is None:
-            return self.cold_window
+            return math.inf
         backlog = max(self.min_backlog, rate * self.backlog_s)
         if self.clock() < self._cut_until:
             backlog *= LAG_CUT
         return backlog + rate * self.hold_s
 
+    def cold(self) -> bool:
+        """No save rate yet: the worker's readings should come often."""
+        return self.save_rate() is None
+
     def allowance(self, share: float, floor: int = 0) -> float:
         """Tasks this worker may reserve now: its share of the room left in the window (at least ``floor``
         while the fleet has nothing in flight, so a window computed from no saves never stalls it)."""
+        if self.save_rate() is None:
+            if not self._readings:
+                return math.inf  # nothing tells this worker what Antenna saves: it cannot pace
+            # Antenna's pace is not known yet: each worker takes what its own GPU holds (twice), not
+            # more, so a fleet far faster than Antenna's saves does not flood its queue before the
+            # first reading; no fleet estimate is needed for that.
+            return max(0.0, self.cold_limit - self._taken)
         window = self.window()
-        if math.isinf(window):
-            return math.inf
         flight = self.in_flight()
         room = max(0.0, window - flight) * share
         if flight < 1:

@@ -113,8 +113,8 @@ async def test_graceful_stop_releases_reserved_tasks_for_others(stack, aadmin):
     job = stack.create_job(PIPELINE, 40, job_id=161)
     first = worker_for(settings_for(stack, worker_name="first", sim_seconds_per_image=0.05, prefetch_batches=2))
     run = asyncio.create_task(first.run())
-    while first.ledger.job(job.id).images < 4:
-        await asyncio.sleep(0.05)
+    while first.ledger.batches < 1 or not first.store.waiting_counts():  # a batch run, more reserved
+        await asyncio.sleep(0.01)
     first.stop("test")
     await run
     released = first.ledger.job(job.id).released

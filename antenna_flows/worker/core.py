@@ -110,7 +110,7 @@ class Parts:
             on_lag=pacer.lag_seen if pacer else (lambda: None))
         self.reserver = Reserver(
             w.name, transport, w.store, w.rotation, w.scheduler, self.intake, w.orch,
-            ReservePolicy(s.prefetch_batches, s.max_batch_size, s.reserve_fraction, s.prefetch_lead_s,
+            ReservePolicy(s.prefetch_batches, s.max_batch_size, s.reserve_fraction, s.prefetch_lead_s, s.slots,
                           api_batch_size=s.antenna_api_batch_size, min_chunk=s.min_reserve_chunk,
                           costly_requests=rest),
             w.pulse, busy_for_s=self.inference.busy_for_s, holding_only=lambda: w.draining,

@@ -158,6 +158,11 @@ class Discovery:
             self.pulse.reserve.set()
             joined += 1
         now = self.rotation.clock()
+        if self.pacer is not None:
+            listed_ids = {item.id for item in listed}
+            for job_id in self.rotation:
+                if job_id not in listed_ids:
+                    self.pacer.forget(job_id)  # complete or cancelled: nothing of it is in flight any more
         waiting = self.store.waiting_counts()
         for job_id, info in list(self.rotation.jobs.items()):
             if now - info.last_listed > self.policy.idle_forget_s and not waiting.get(job_id):

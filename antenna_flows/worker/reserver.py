@@ -50,6 +50,7 @@ class ReservePolicy:
     max_batch_size: int = 8
     reserve_fraction: float = 0.5
     prefetch_lead_s: float = 2.0
+    slots: int = 1
     api_batch_size: int = 24  # most tasks in one request
     min_chunk: int = 4  # paced (and over REST): at least this many of one job per request
     costly_requests: bool = False  # REST: each request is Antenna's work (a NATS connection, a fetch)
@@ -123,9 +124,17 @@ class Reserver:
                      "; paced" if self.paced else "")
 
     def room(self) -> float:
-        """Tasks Antenna's saves leave room for (this worker's share); infinite when not pacing."""
+        """Tasks Antenna's saves leave room for (this worker's share); infinite when not pacing.
+
+        Until the first save is seen each worker takes at most twice what its GPU holds (a batch
+        running and the prefetched ones): enough for GPU-bound work, not a flood of answers into a
+        save queue whose pace is not known yet.
+        """
         if self.pacer is None:
             return math.inf
+        p = self.policy
+        holding = (p.prefetch_batches + p.slots) * p.max_batch_size
+        self.pacer.cold_limit = 2 * max(holding, p.min_chunk)
         return self.pacer.allowance(self.share.share(), floor=self.policy.min_chunk)
 
     async def round(self) -> None:
@@ -222,6 +231,7 @@ class Reserver:
         firsts = [i.stream_seq for i in infos if i.num_delivered == 1]
         if firsts:
             self.pacer.delivered(job_id, max(firsts))
+            self.pacer.took(len(firsts))
         last = max(infos, key=lambda i: i.consumer_seq)
         if last.pending is not None:
             self.pacer.undelivered(job_id, last.pending)

@@ -28,6 +28,8 @@ from antenna_flows.worker.settle import Settler
 
 log = logging.getLogger(__name__)
 
+COLD_INTERVAL_S = 0.25  # reading interval until the first save rate is known
+
 
 class SaveWatch:
     def __init__(self, name: str, transport: Transport, rotation: Rotation, store: TaskStore, settler: Settler,
@@ -49,7 +51,8 @@ class SaveWatch:
             return
         while not self.pulse.stopping.is_set():
             await self.look()
-            await wait_for(self.pulse.stopping, self.interval_s)
+            cold = self.pacer.cold() and len(self.rotation)  # no save rate yet: read often until there is
+            await wait_for(self.pulse.stopping, min(self.interval_s, COLD_INTERVAL_S) if cold else self.interval_s)
 
     async def look(self) -> None:
         """One reading of every served job's consumer."""
@@ -57,7 +60,8 @@ class SaveWatch:
             try:
                 stats = await self.transport.counts(job_id)
             except StreamGone:
-                continue  # discovery and the reserver see it go
+                self.pacer.forget(job_id)  # what it had in flight is nobody's now (discovery drops the job)
+                continue
             except OUTAGES as exc:
                 log.debug("worker %s: job %s: consumer not read: %s", self.name, job_id, exc)
                 continue
