@@ -132,6 +132,11 @@ def add_submit(subparsers: Any) -> None:
     source.add_argument("-n", "--images", type=int, default=10, metavar="N", help="Number of demo images (default 10).")
     source.add_argument("--urls-file", type=Path, metavar="PATH", help="File of image URLs, one per line.")
     parser.add_argument("--pipeline", default=DEFAULT_PIPELINE, help=f"Pipeline slug (default {DEFAULT_PIPELINE}).")
+    parser.add_argument(
+        "--for-model-kind", choices=("ami", "sim"), default="ami",
+        help="Which workers the job is for (default ami): sim workers serve pipelines of their own, so with sim "
+        "the job goes to sim-<pipeline> (a sim-* slug given as --pipeline is kept).",
+    )
     parser.add_argument("--priority", type=int, default=0, help="Job priority, higher first (default 0).")
     parser.add_argument("--missing", type=int, default=0, help="Demo images that answer 404 (default 0).")
     parser.add_argument("--corrupt", type=int, default=0, help="Demo images that are truncated JPEGs (default 0).")
@@ -149,9 +154,11 @@ def run_submit(args: argparse.Namespace) -> int:
     if args.urls_file is not None:
         lines = (line.strip() for line in args.urls_file.read_text().splitlines())
         images = [line for line in lines if line and not line.startswith("#")]
+    from antenna_lab.bench.bench import job_pipeline
+
     with AntennaAdmin(client.antenna_api_url, client.antenna_api_token) as admin:
         job = admin.create_job(
-            args.pipeline,
+            job_pipeline(args.pipeline, args.for_model_kind),
             images,
             priority=args.priority,
             job_id=args.job_id,
