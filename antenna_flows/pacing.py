@@ -136,7 +136,8 @@ class SavePacer:
         self._readings: deque[float] = deque(maxlen=RATE_READINGS)  # when the last readings were taken
         self._first_reading: float | None = None
         self.cold_limit = math.inf  # until a save is seen: most tasks this worker takes (what its GPU holds, x2)
-        self._taken = 0  # fresh tasks this worker took, all of them unsaved as far as it knows while cold
+        self._taken = 0  # fresh tasks this worker took
+        self._saved_total = 0  # saves seen, fleet-wide, since the first reading
         self._cut_until = 0.0
 
     # --- what the worker sees -------------------------------------------------------------
@@ -158,6 +159,7 @@ class SavePacer:
             job.delivered = max(job.delivered, delivered)
         if job.read_at and done > job.done:
             self._saves.append((now, done - job.done))
+            self._saved_total += done - job.done
         if self._first_reading is None:
             self._first_reading = now
         if not self._readings or now > self._readings[-1]:
@@ -243,10 +245,11 @@ class SavePacer:
         if self.save_rate() is None:
             if not self._readings:
                 return math.inf  # nothing tells this worker what Antenna saves: it cannot pace
-            # Antenna's pace is not known yet: each worker takes what its own GPU holds (twice), not
-            # more, so a fleet far faster than Antenna's saves does not flood its queue before the
-            # first reading; no fleet estimate is needed for that.
-            return max(0.0, self.cold_limit - self._taken)
+            # Antenna's pace is not known yet: each worker keeps at most what its own GPU holds
+            # (twice) unsaved, counting its share of the saves seen so far as its own; so a fleet far
+            # faster than Antenna's saves does not flood its queue before the first rate, and one
+            # whose answers are saved at once is not held back.
+            return max(0.0, self.cold_limit - (self._taken - share * self._saved_total))
         window = self.window()
         flight = self.in_flight()
         room = max(0.0, window - flight) * share

@@ -133,3 +133,19 @@ def test_saves_that_fail_are_not_lag():
     clock.t += 5
     pacer.saved(1, 0)  # nothing saved at all: answers are being lost, not queued
     assert pacer.save_delay_s() == 0.0
+
+
+def test_before_the_first_save_rate_a_worker_keeps_at_most_twice_its_gpus_holding_unsaved():
+    clock = Clock()
+    pacer = SavePacer(clock=clock)
+    pacer.cold_limit = 32
+    assert math.isinf(pacer.allowance(1.0))  # no reading at all: nothing to pace by
+    pacer.saved(1, 0)  # a first reading: Antenna has saved nothing yet
+    pacer.took(24)
+    assert pacer.allowance(1.0) == 8  # 24 unsaved of 32
+    pacer.took(8)
+    assert pacer.allowance(1.0) == 0  # an Antenna slower than the GPU: no flood before its pace is known
+    clock.t += 0.25
+    pacer.saved(1, 16)  # saves come in (the rate is not known yet: readings span less than a second)
+    assert pacer.save_rate() is None
+    assert pacer.allowance(0.5) == 32 - (32 - 0.5 * 16)  # its share of the saves seen counts as its own

@@ -141,7 +141,7 @@ async def test_queue_report_table_and_progress_artifacts(prefect_server, stack, 
         assert elapsed >= 1.5
         assert a2["images_per_s_1m"] == pytest.approx(4 / elapsed, abs=0.002), (a2, elapsed)
         assert (a2["processed"], a2["pending"], a2["progress_pct"]) == (11, 8, 55.0)
-        assert a2["eta_s"] == pytest.approx(9 / (4 / elapsed), rel=0.01), a2
+        assert a2["eta_s"] == pytest.approx(9 / (4 / elapsed), abs=0.051), a2  # the row rounds to 0.1 s
         assert a2["eta"] == human_duration(a2["eta_s"])
         assert float((await latest(client, job_progress(501))).data) == 55.0
         done = await latest(client, job_progress(502))
