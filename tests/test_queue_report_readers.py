@@ -41,3 +41,10 @@ async def test_an_unreachable_nats_leaves_its_columns_out_and_says_where():
     stats, problem = await consumer_stats(url, [1, 2])
     assert stats == {}
     assert problem is not None and problem.startswith(f"cannot reach NATS at {url}"), problem
+
+
+async def test_a_rest_only_fleet_has_no_nats_to_read_and_says_so():
+    from antenna_flows.queue_report.readers import consumer_stats
+
+    stats, problem = await consumer_stats(None, [1, 2])
+    assert stats == {} and problem is not None and "AMI_NATS_URL" in problem

@@ -59,8 +59,10 @@ async def job_details(api_url: str, token: str, job_ids: list[int], timeout_s: f
     return out
 
 
-async def consumer_stats(nats_url: str, job_ids: list[int]) -> tuple[dict[int, ConsumerStats], str | None]:
+async def consumer_stats(nats_url: str | None, job_ids: list[int]) -> tuple[dict[int, ConsumerStats], str | None]:
     """The consumer statistics of each job's stream: (stats, None), or ({}, why NATS could not be read)."""
+    if not nats_url:  # a fleet on REST only: Antenna's job objects are all there is to read
+        return {}, "no NATS URL configured (AMI_NATS_URL): queue columns from Antenna's job objects only"
     try:
         jobs = await asyncio.wait_for(JobQueue.connect(nats_url, name="queue-report"), STATS_TIMEOUT_S)
     except Exception as exc:  # noqa: BLE001 - a report without NATS columns beats no report
