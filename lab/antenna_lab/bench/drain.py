@@ -281,11 +281,14 @@ def run_drain_worker(settings: WorkerSettings, orchestration: str, drain: DrainS
     import os
 
     if orchestration == "prefect":
-        from antenna_lab.bench.drain_flow import drain_worker
+        from antenna_flows.orchestration.server import prefect_api
         from antenna_flows.runner import flow_overrides
+        from antenna_lab.bench.drain_flow import drain_worker
 
         os.environ["AMI_ANTENNA_API_TOKEN"] = settings.antenna_api_token
-        return asyncio.run(drain_worker(worker_name=settings.worker_name, settings_overrides=flow_overrides(settings)))
+        with prefect_api():  # as the fair worker: no PREFECT_API_URL, a temporary server that outlives the run
+            return asyncio.run(drain_worker(worker_name=settings.worker_name,
+                                            settings_overrides=flow_overrides(settings)))
     from antenna_flows.models import load_model
 
     return asyncio.run(DrainWorker(settings, load_model(settings), drain).run())
