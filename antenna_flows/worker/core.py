@@ -117,7 +117,8 @@ class Parts:
             on_stream_gone=self.discovery.forget, on_fatal=w.fail, pacer=pacer, share=self.share)
         self.keepalive = Keepalive(transport, w.store, w.rotation, s.in_progress_fraction, w.clock)
         self.watch = SaveWatch(w.name, transport, w.rotation, w.store, self.settler, pacer or SavePacer(clock=w.clock),
-                               w.pulse, s.watch_interval_s, answer_again=self.intake.answer_again, share=self.share)
+                               w.pulse, s.watch_interval_s, answer_again=self.intake.answer_again, share=self.share,
+                               on_gone=self.discovery.forget)
 
 
 class FairWorker:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Callable
+from typing import Awaitable, Callable
 
 from antenna_flows.jetstream import StreamGone
 from antenna_flows.pacing import FleetShare, SavePacer
@@ -34,7 +34,8 @@ COLD_INTERVAL_S = 0.25  # reading interval until the first save rate is known
 class SaveWatch:
     def __init__(self, name: str, transport: Transport, rotation: Rotation, store: TaskStore, settler: Settler,
                  pacer: SavePacer, pulse: Pulse, interval_s: float, *,
-                 answer_again: Callable[[HeldTask], None], share: FleetShare | None = None):
+                 answer_again: Callable[[HeldTask], None], share: FleetShare | None = None,
+                 on_gone: Callable[[int, str], Awaitable[None]] | None = None):
         self.name = name
         self.transport = transport
         self.rotation = rotation
@@ -45,6 +46,7 @@ class SaveWatch:
         self.interval_s = interval_s
         self.answer_again = answer_again
         self.share = share
+        self.on_gone = on_gone  # the job's stream vanished (completed or cancelled): discovery forgets it
 
     async def run(self) -> None:
         if not self.transport.can_extend:  # REST: the job list's progress is the signal (discovery)
@@ -60,7 +62,9 @@ class SaveWatch:
             try:
                 stats = await self.transport.counts(job_id)
             except StreamGone:
-                self.pacer.forget(job_id)  # what it had in flight is nobody's now (discovery drops the job)
+                self.pacer.forget(job_id)  # what it had in flight is nobody's now
+                if self.on_gone is not None:
+                    await self.on_gone(job_id, "stream vanished (completed or cancelled)")
                 continue
             except OUTAGES as exc:
                 log.debug("worker %s: job %s: consumer not read: %s", self.name, job_id, exc)

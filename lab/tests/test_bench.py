@@ -139,7 +139,10 @@ def test_antenna_costs_make_saves_lag_answers_and_are_reported(tmp_path: Path) -
     assert antenna["model"] == Scenario.model_validate(scenario).antenna.model_dump()
     assert antenna["saves_done"] >= 44 and antenna["save_queue_peak"] >= 2
     assert antenna["save_delay_s"]["n"] >= 44 and set(antenna["save_delay_by_job_images"]) == {"40", "4"}
-    assert antenna["web"]["tasks"]["requests"] >= report["api_requests"]["tasks"] > 0
+    # served by a web worker vs received: a few /tasks calls may still be queued or waiting out their fetch
+    # when the run ends (counted as received, not yet as served)
+    assert report["api_requests"]["tasks"] >= antenna["web"]["tasks"]["requests"] >= report["api_requests"]["tasks"] - 8
+    assert antenna["web"]["tasks"]["requests"] > 0
 
     plain = run_cli_bench(tmp_path, {**scenario, "name": "tiny-free", "antenna": None}, "--strategy", "drain",
                           "--orchestration", "plain")
