@@ -36,7 +36,9 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
-SHARE_WINDOW_S = 30.0  # how far back the fleet share looks
+SHARE_WINDOW_S = 300.0  # how far back the fleet share looks (long: a worker waiting for room must not
+# read its own waiting as a smaller share, which would make it wait longer still)
+TAIL_CAP_S = 30.0  # longest unseen stretch of a job's deliveries extrapolated (REST)
 RATE_WINDOW_S = 10.0  # how far back the save rate looks...
 RATE_READINGS = 4  # ...or over the last this many readings of the counters, whichever is longer
 HOLD_ALPHA = 0.2  # EWMA weight of a new hold-time sample
@@ -53,14 +55,17 @@ class FleetShare:
     over REST, :meth:`observe`) are spread evenly over the time between the readings; ``share``
     is this worker's deliveries over the fleet's in the last ``window_s``, ``fleet_size`` its
     inverse (workers at this worker's pace). Spreading matters: a job this worker reserved from
-    twice, a minute apart, says what the fleet took in that minute, not in the last 30 s. A worker
-    that has seen too little keeps its last estimate (1.0 at first).
+    twice, a minute apart, says what the fleet took in that minute, not in the last 30 s; and since
+    its last reading (REST) the fleet is assumed to go on at that interval's pace while the job had
+    tasks left. A worker that has seen too little keeps its last estimate (1.0 at first).
     """
 
     def __init__(self, clock: Callable[[], float] = time.monotonic, window_s: float = SHARE_WINDOW_S):
         self.clock = clock
         self.window_s = window_s
         self._last: dict[int, tuple[float, int]] = {}  # job -> (when, delivery sequence) last read
+        self._rate: dict[int, tuple[float, float]] = {}  # job -> (fleet deliveries/s, seconds) of its last interval
+        self._draining: set[int] = set()  # jobs whose queue had nothing left to hand out at the last reading
         self._read_by_consumer: set[int] = set()  # jobs whose consumer counter is read (exact)
         self._own: deque[tuple[float, int]] = deque()  # (t, deliveries to this worker)
         self._fleet: deque[tuple[float, float, int]] = deque()  # (from, to, deliveries to anyone)
@@ -70,6 +75,8 @@ class FleetShare:
         last = self._last.get(job_id)
         if last is not None and seq > last[1]:
             self._fleet.append((last[0], now, seq - last[1]))
+            if now > last[0]:
+                self._rate[job_id] = ((seq - last[1]) / (now - last[0]), now - last[0])
         if last is None or seq >= last[1]:
             self._last[job_id] = (now, seq)
 
@@ -78,18 +85,25 @@ class FleetShare:
         self._read_by_consumer.add(job_id)
         self._reading(job_id, delivery_seq, self.clock())
 
-    def observe(self, job_id: int, consumer_seqs: Iterable[int]) -> None:
-        """The delivery sequences in the reply subjects of one of this worker's reservations."""
+    def observe(self, job_id: int, consumer_seqs: Iterable[int], pending: int | None = None) -> None:
+        """The delivery sequences in the reply subjects of one of this worker's reservations (and the
+        job's pending count in the last of them)."""
         seqs = sorted(s for s in consumer_seqs if s > 0)
         if not seqs:
             return
         now = self.clock()
         self._own.append((now, len(seqs)))
+        if pending == 0:
+            self._draining.add(job_id)
+        elif pending is not None:
+            self._draining.discard(job_id)
         if job_id not in self._read_by_consumer:
             self._reading(job_id, seqs[-1], now)
 
     def forget(self, job_id: int) -> None:
         self._last.pop(job_id, None)
+        self._rate.pop(job_id, None)
+        self._draining.discard(job_id)
         self._read_by_consumer.discard(job_id)
 
     def share(self) -> float:
@@ -104,8 +118,16 @@ class FleetShare:
         for t0, t1, n in self._fleet:
             span = t1 - t0
             fleet += n if span <= 0 else n * max(0.0, t1 - max(t0, start)) / span
+        # Since the last reading of a job read from reply subjects (REST), the fleet went on taking
+        # from it unseen: at the pace of its last interval, while it had anything left to hand out.
+        for job_id, (t, _) in self._last.items():
+            if job_id in self._read_by_consumer or job_id in self._draining or job_id not in self._rate:
+                continue
+            rate, gap = self._rate[job_id]
+            tail = min(now - max(t, start), 2 * gap, TAIL_CAP_S)  # no further than readings usually are apart
+            fleet += rate * max(0.0, tail)
         fleet = max(fleet, float(own))
-        if fleet >= 8:  # enough deliveries to say something
+        if fleet >= 8 and own >= 2:  # enough deliveries, some of them ours, to say something
             self._last_share = min(1.0, max(0.01, own / fleet))
         return self._last_share
 

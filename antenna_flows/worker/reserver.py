@@ -225,14 +225,14 @@ class Reserver:
     def observe(self, job_id: int, got: list[Reservation]) -> None:
         """What the reply subjects tell about the fleet: its deliveries (our share) and how far the job is."""
         infos = [i for i in (r.ack_info for r in got) if i is not None]
-        self.share.observe(job_id, [i.consumer_seq for i in infos])
-        if self.pacer is None or not infos:
+        last = max(infos, key=lambda i: i.consumer_seq) if infos else None
+        self.share.observe(job_id, [i.consumer_seq for i in infos], last.pending if last else None)
+        if self.pacer is None or last is None:
             return
         firsts = [i.stream_seq for i in infos if i.num_delivered == 1]
         if firsts:
             self.pacer.delivered(job_id, max(firsts))
             self.pacer.took(len(firsts))
-        last = max(infos, key=lambda i: i.consumer_seq)
         if last.pending is not None:
             self.pacer.undelivered(job_id, last.pending)
 
