@@ -42,6 +42,7 @@ ADVISORY_STREAM = "advisories"
 ADVISORY_SUBJECTS = ["$JS.EVENT.ADVISORY.>"]
 ADVISORY_MAX_AGE_S = 3600
 STREAM_CREATED_SUBJECT = "$JS.EVENT.ADVISORY.STREAM.CREATED.*"
+ROLL_CALL_SUBJECT = "antenna_flows.workers"  # workers say who they are (core NATS, nothing stored)
 PULL_TIMEOUT_S = 1.0  # an answer to a no_wait pull comes in ~1 ms; this bounds a dead or reconnecting server
 
 
@@ -393,6 +394,23 @@ class JobQueue:
                     await result
 
         return await self.nc.subscribe(STREAM_CREATED_SUBJECT, cb=handler)
+
+    async def announce(self, worker: str, pipelines: list[str]) -> None:
+        """Say on the roll-call subject that this worker is serving these pipelines (a core NATS publish)."""
+        await self.nc.publish(ROLL_CALL_SUBJECT, json.dumps({"worker": worker, "pipelines": pipelines}).encode())
+
+    async def watch_roll_call(self, callback: Callable[[str, list[str]], None]) -> Any:
+        """Call ``callback(worker, pipelines)`` for every worker's announcement (this one's included)."""
+
+        async def handler(msg: Msg) -> None:
+            try:
+                said = json.loads(msg.data)
+                worker, pipelines = str(said["worker"]), [str(p) for p in said.get("pipelines") or []]
+            except (ValueError, KeyError, TypeError):
+                return  # not one of ours
+            callback(worker, pipelines)
+
+        return await self.nc.subscribe(ROLL_CALL_SUBJECT, cb=handler)
 
 
 def is_status(msg: Msg) -> str | None:

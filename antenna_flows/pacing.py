@@ -38,16 +38,28 @@ from typing import Callable, Iterable
 
 SHARE_WINDOW_S = 300.0  # how far back the fleet share looks (long: a worker waiting for room must not
 # read its own waiting as a smaller share, which would make it wait longer still)
-TAIL_CAP_S = 30.0  # longest unseen stretch of a job's deliveries extrapolated (REST)
+PEER_TTL_S = 10.0  # a worker not heard from for this long has gone (roll calls every ROLL_CALL_S)
+ROLL_CALL_S = 2.0
+TAIL_CAP_S = 30.0
+BOUND_HOLD_S = 10.0  # once Antenna-bound, the fleet acts so for at least this long (no flapping)  # longest unseen stretch of a job's deliveries extrapolated (REST)
 RATE_WINDOW_S = 10.0  # how far back the save rate looks...
 RATE_READINGS = 4  # ...or over the last this many readings of the counters, whichever is longer
-HOLD_ALPHA = 0.2  # EWMA weight of a new hold-time sample
+HOLD_SAMPLES = 64  # recent hold times kept...
+HOLD_QUANTILE = 0.25  # ...of which this quantile is the pipeline's latency
 LAG_CUT = 0.5  # a redelivery of an answer not yet saved: the window is cut to this fraction...
 LAG_CUT_S = 30.0  # ...for this long
 
 
 class FleetShare:
-    """This worker's share of the fleet's deliveries, from JetStream's consumer delivery sequences.
+    """This worker's share of the fleet: 1 / the workers serving its pipelines.
+
+    Over NATS the workers say who they are on a roll-call subject every few seconds
+    (:meth:`peer`): the share is exact. Over REST they cannot hear each other, and the share is
+    read from the deliveries, as below, and frozen while the worker is paced (:meth:`paced`): a
+    worker waiting for room must not read its own waiting as a smaller share, which would make it
+    wait longer still while the others take everything.
+
+    From deliveries: this worker's share of the fleet's, from JetStream's consumer delivery sequences.
 
     Every delivery advances its consumer's delivery sequence, whoever takes it. The fleet's
     deliveries of a job between two readings of that sequence (the consumer's own counter over
@@ -66,6 +78,8 @@ class FleetShare:
         self._last: dict[int, tuple[float, int]] = {}  # job -> (when, delivery sequence) last read
         self._rate: dict[int, tuple[float, float]] = {}  # job -> (fleet deliveries/s, seconds) of its last interval
         self._draining: set[int] = set()  # jobs whose queue had nothing left to hand out at the last reading
+        self._peers: dict[str, float] = {}  # worker -> when it last said it serves our pipelines (NATS)
+        self._paced = False
         self._read_by_consumer: set[int] = set()  # jobs whose consumer counter is read (exact)
         self._own: deque[tuple[float, int]] = deque()  # (t, deliveries to this worker)
         self._fleet: deque[tuple[float, float, int]] = deque()  # (from, to, deliveries to anyone)
@@ -79,6 +93,21 @@ class FleetShare:
                 self._rate[job_id] = ((seq - last[1]) / (now - last[0]), now - last[0])
         if last is None or seq >= last[1]:
             self._last[job_id] = (now, seq)
+
+    def peer(self, worker: str) -> None:
+        """A worker serving this worker's pipelines said it is there (itself included)."""
+        self._peers[worker] = self.clock()
+
+    def peers(self) -> int:
+        """Workers heard from within ``PEER_TTL_S`` (0: no roll call, as over REST)."""
+        cutoff = self.clock() - PEER_TTL_S
+        for worker in [w for w, t in self._peers.items() if t < cutoff]:
+            del self._peers[worker]
+        return len(self._peers)
+
+    def paced(self, paced: bool) -> None:
+        """While paced the delivery-based estimate stands still."""
+        self._paced = paced
 
     def consumer(self, job_id: int, delivery_seq: int) -> None:
         """The job consumer's delivery sequence, read from JetStream (all deliveries, all workers)."""
@@ -107,6 +136,11 @@ class FleetShare:
         self._read_by_consumer.discard(job_id)
 
     def share(self) -> float:
+        peers = self.peers()
+        if peers:
+            return 1.0 / peers
+        if self._paced:
+            return self._last_share
         now = self.clock()
         start = now - self.window_s
         while self._own and self._own[0][0] <= start:
@@ -153,6 +187,7 @@ class SavePacer:
         self.clock = clock
         self.rate_window_s = rate_window_s
         self.hold_s = initial_hold_s
+        self._holds: deque[float] = deque(maxlen=HOLD_SAMPLES)
         self._jobs: dict[int, _Job] = {}
         self._saves: deque[tuple[float, int]] = deque()  # (t, saved since the previous reading)
         self._readings: deque[float] = deque(maxlen=RATE_READINGS)  # when the last readings were taken
@@ -161,6 +196,7 @@ class SavePacer:
         self._taken = 0  # fresh tasks this worker took
         self._saved_total = 0  # saves seen, fleet-wide, since the first reading
         self._cut_until = 0.0
+        self._bound_at = -math.inf
 
     # --- what the worker sees -------------------------------------------------------------
 
@@ -203,8 +239,15 @@ class SavePacer:
         self._jobs.pop(job_id, None)
 
     def held_for(self, seconds: float) -> None:
-        """One task's time from reservation to an accepted answer (this worker's)."""
-        self.hold_s = (1 - HOLD_ALPHA) * self.hold_s + HOLD_ALPHA * max(0.0, seconds)
+        """One task's time from reservation to an accepted answer (this worker's).
+
+        ``hold_s`` is a low quantile of the recent ones: the pipeline's own latency (download, batch,
+        post), not the time a task waited behind others in this worker. Counting that wait would let a
+        worker that took more see a larger window, and take more still.
+        """
+        self._holds.append(max(0.0, seconds))
+        ordered = sorted(self._holds)
+        self.hold_s = ordered[int(HOLD_QUANTILE * (len(ordered) - 1))]
 
     def lag_seen(self) -> None:
         """An answer Antenna accepted came back unsaved after ``ack_wait``: save far behind, ease off."""
@@ -256,6 +299,17 @@ class SavePacer:
         if self.clock() < self._cut_until:
             backlog *= LAG_CUT
         return backlog + rate * self.hold_s
+
+    def bound(self) -> bool:
+        """Antenna's saves, not the GPUs, set the pace: the fleet has had at least half its window in
+        flight, or answers wait a second or more for their save, within the last ``BOUND_HOLD_S``
+        (GPU-bound, saves keep up and in flight is what the GPUs hold, a small part of the window)."""
+        if self.save_rate() is None:
+            return False
+        now = self.clock()
+        if self.in_flight() >= 0.5 * self.window() or self.save_delay_s() >= 1.0:
+            self._bound_at = now
+        return now - self._bound_at < BOUND_HOLD_S
 
     def cold(self) -> bool:
         """No save rate yet: the worker's readings should come often."""

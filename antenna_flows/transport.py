@@ -52,6 +52,14 @@ class Transport(Protocol):
         without asking Antenna (NATS); None over REST (the job list's progress tells saves there)."""
         ...
 
+    async def announce(self, worker: str, pipelines: list[str]) -> None:
+        """Tell the fleet this worker is serving (NATS roll call); nothing over REST."""
+        ...
+
+    async def watch_roll_call(self, callback: Callable[[str, list[str]], None]) -> None:
+        """Hear the fleet's announcements (NATS); nothing over REST."""
+        ...
+
     async def watch_new_jobs(self, callback: Callable[[int], Awaitable[None] | None]) -> None: ...
 
     async def forget(self, job_id: int) -> None: ...
@@ -102,6 +110,12 @@ class NatsTransport:
     async def counts(self, job_id: int) -> ConsumerStats | None:
         return await self.queue.stats(job_id)
 
+    async def announce(self, worker: str, pipelines: list[str]) -> None:
+        await self.queue.announce(worker, pipelines)
+
+    async def watch_roll_call(self, callback: Callable[[str, list[str]], None]) -> None:
+        await self.queue.watch_roll_call(callback)
+
     async def watch_new_jobs(self, callback: Callable[[int], Awaitable[None] | None]) -> None:
         await self.queue.watch_new_jobs(callback)
 
@@ -151,6 +165,12 @@ class RestTransport:
 
     async def counts(self, job_id: int) -> ConsumerStats | None:
         return None
+
+    async def announce(self, worker: str, pipelines: list[str]) -> None:
+        """Workers on REST cannot hear each other."""
+
+    async def watch_roll_call(self, callback: Callable[[str, list[str]], None]) -> None:
+        """Workers on REST cannot hear each other."""
 
     async def watch_new_jobs(self, callback: Callable[[int], Awaitable[None] | None]) -> None:
         """No advisories over REST: discovery polls."""

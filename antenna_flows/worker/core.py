@@ -91,7 +91,8 @@ class Parts:
                                if pacer is not None else (lambda held: None))
         self.poster = Poster(w.name, client, w.orch, self.settler, w.store, w.ledger,
                              PostPolicy(s.antenna_api_batch_size, s.post_max_delay_s,
-                                        max(32, 4 * s.max_batch_size)), w.pulse, clock=w.clock)
+                                        max(32, 4 * s.max_batch_size)), w.pulse, clock=w.clock,
+                             save_delay_s=pacer.save_delay_s if pacer is not None else (lambda: 0.0))
         self.inference = Inference(
             w.name, w.model, w.store, w.rotation, w.scheduler, w.ledger, w.metrics,
             InferencePolicy(s.slots, s.max_batch_size, s.batch_fill_wait_s, s.session_idle_s, s.session_max_s),
@@ -118,7 +119,7 @@ class Parts:
         self.keepalive = Keepalive(transport, w.store, w.rotation, s.in_progress_fraction, w.clock)
         self.watch = SaveWatch(w.name, transport, w.rotation, w.store, self.settler, pacer or SavePacer(clock=w.clock),
                                w.pulse, s.watch_interval_s, answer_again=self.intake.answer_again, share=self.share,
-                               on_gone=self.discovery.forget)
+                               on_gone=self.discovery.forget, served=w.served)
 
 
 class FairWorker:

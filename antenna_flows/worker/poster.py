@@ -5,7 +5,8 @@ request, a validation, a queue push per result), so answers wait in a per-job
 outbox and go in one post when any of these holds:
 
 - the job's outbox holds ``post_batch`` answers (``antenna_api_batch_size``, 24);
-- its oldest answer has waited ``max_delay_s`` (1 s);
+- its oldest answer has waited ``max_delay_s`` (1 s; longer, up to half the wait
+  Antenna's save queue would add anyway, while that queue is long);
 - this worker holds nothing else of the job that could join them (a small job's
   last answers, the end of a reserved chunk: they go at once);
 - the worker is stopping.
@@ -39,6 +40,7 @@ from antenna_flows.worker.settle import Settler
 log = logging.getLogger(__name__)
 
 POSTERS = 2  # result posts in flight at once (as upstream's two threads)
+MAX_DELAY_CAP_S = 5.0
 
 
 @dataclass
@@ -56,7 +58,7 @@ def payload(held: HeldTask) -> list[TaskResult]:
 class Poster:
     def __init__(self, name: str, client: AntennaClient, orchestrator: Orchestrator, settler: Settler,
                  store: TaskStore, ledger: Ledger, policy: PostPolicy, pulse: Pulse, *,
-                 clock: Callable[[], float]):
+                 clock: Callable[[], float], save_delay_s: Callable[[], float] = lambda: 0.0):
         self.name = name
         self.client = client
         self.orch = orchestrator
@@ -66,6 +68,7 @@ class Poster:
         self.policy = policy
         self.pulse = pulse
         self.clock = clock
+        self.save_delay_s = save_delay_s  # how long Antenna's save queue makes an answer wait (the pacer's)
         self.outbox: dict[int, list[HeldTask]] = {}  # by job, oldest first
         self._changed = asyncio.Event()  # an answer arrived, a post ended
         self._room = asyncio.Event()  # a post ended: answers left for good
@@ -129,16 +132,23 @@ class Poster:
         self._changed.set()
         self._room.set()
 
+    def max_delay(self) -> float:
+        """``max_delay_s``, or up to half what Antenna's save queue makes answers wait anyway (at most
+        MAX_DELAY_CAP_S): a post that waits a little while its answers would wait in Antenna's queue costs
+        no time, and carries more answers."""
+        return max(self.policy.max_delay_s, min(MAX_DELAY_CAP_S, self.save_delay_s() / 2))
+
     def _due(self) -> list[int]:
         """Jobs whose outbox should go now, oldest answer first."""
         now = self.clock()
+        max_delay = self.max_delay()
         holding = self.store.counts(*WAITING, State.RUNNING)  # what may still join an outbox soon
         due = []
         for job_id, tasks in self.outbox.items():
             if not tasks:
                 continue
             if (self._closing or len(tasks) >= self.policy.post_batch or not holding.get(job_id)
-                    or now - (tasks[0].posted_at or now) >= self.policy.max_delay_s):
+                    or now - (tasks[0].posted_at or now) >= max_delay):
                 due.append(job_id)
         return sorted(due, key=lambda j: self.outbox[j][0].posted_at or 0.0)
 
@@ -146,7 +156,7 @@ class Poster:
         oldest = [t[0].posted_at for t in self.outbox.values() if t and t[0].posted_at is not None]
         if not oldest:
             return TICK_S
-        return max(0.0, min(oldest) + self.policy.max_delay_s - self.clock())
+        return max(0.0, min(oldest) + self.max_delay() - self.clock())
 
     def _take(self, job_id: int) -> list[HeldTask]:
         tasks = self.outbox[job_id]

@@ -155,21 +155,28 @@ class Reserver:
                     return
                 target = cap = 1
             room = self.room()
-            self.paced = room < target - held
+            slack = target if cap >= 2 * target else 0
+            # Paced when Antenna, not the GPU's budget, decides how much to take now: its saves are the
+            # bottleneck (the GPUs have time to spare: take whole chunks of one job), or its room is smaller
+            # than what the GPU budget would take.
+            bound = self.pacer is not None and self.pacer.bound()
+            self.paced = bound or room < min(target, cap + slack) - held or (
+                room < cap + slack - held and room < p.min_chunk)
+            self.share.paced(self.paced)
             if self.paced:
                 plan = self.scheduler.plan_reservations(pool, target, self.rotation.cost.per_image)
                 # Redeliveries are already in flight: they add nothing to the window, and a failed
                 # save must be answered again even while Antenna's saves are behind.
                 wants = {j: n for j, n in plan.items() if self._only_redeliveries(j)}
                 fresh = {j: n for j, n in plan.items() if j not in wants}
-                if fresh and room >= p.min_chunk:
-                    chunk = min(int(room), p.api_batch_size)
+                budget = max(0, cap + slack - held)  # the reservation window (ack_wait) still holds
+                if fresh and room >= p.min_chunk and budget >= p.min_chunk:
+                    chunk = min(int(room), p.api_batch_size, budget)
                     wants.update(one_job(fresh, chunk))  # the whole chunk from the job first in fair order
             else:
                 wants = self.scheduler.plan_reservations(pool, target, self.rotation.cost.per_image)
                 # Tasks a newcomer displaces in fair order wait one batch more: where the window holds
                 # two batches, allow one batch over the cap for them (urgency bounds their wait).
-                slack = target if cap >= 2 * target else 0
                 wants = trim(wants, min(cap + slack - held, int(min(room, 1 << 30))))
                 if p.costly_requests:
                     wants = {j: max(n, p.min_chunk) for j, n in wants.items()}

@@ -8,8 +8,10 @@ the ack floor has passed was saved (``SAVED``: nothing sent, not answered twice)
 one held a whole ``ack_wait`` without that is answered again: the earlier answer
 was lost after all.
 
-Over REST there is nothing to read here: the job list's progress (discovery's
-poll) tells the pacer the saved counts.
+It also holds the fleet's roll call: every ``ROLL_CALL_S`` the worker says on a core
+NATS subject which pipelines it serves, and counts who else does (the pacer's fleet
+share). Over REST there is nothing to read or say here: the job list's progress
+(discovery's poll) tells the pacer the saved counts.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import logging
 from typing import Awaitable, Callable
 
 from antenna_flows.jetstream import StreamGone
-from antenna_flows.pacing import FleetShare, SavePacer
+from antenna_flows.pacing import ROLL_CALL_S, FleetShare, SavePacer
 from antenna_flows.transport import Transport
 from antenna_flows.worker.base import OUTAGES, Pulse, wait_for
 from antenna_flows.worker.held import HeldTask, State, TaskStore
@@ -35,7 +37,7 @@ class SaveWatch:
     def __init__(self, name: str, transport: Transport, rotation: Rotation, store: TaskStore, settler: Settler,
                  pacer: SavePacer, pulse: Pulse, interval_s: float, *,
                  answer_again: Callable[[HeldTask], None], share: FleetShare | None = None,
-                 on_gone: Callable[[int, str], Awaitable[None]] | None = None):
+                 on_gone: Callable[[int, str], Awaitable[None]] | None = None, served: set[str] | None = None):
         self.name = name
         self.transport = transport
         self.rotation = rotation
@@ -47,11 +49,20 @@ class SaveWatch:
         self.answer_again = answer_again
         self.share = share
         self.on_gone = on_gone  # the job's stream vanished (completed or cancelled): discovery forgets it
+        self.served = served if served is not None else set()  # peers serving any of these count as the fleet
 
     async def run(self) -> None:
         if not self.transport.can_extend:  # REST: the job list's progress is the signal (discovery)
             return
+        if self.share is not None:
+            share = self.share
+            await self.transport.watch_roll_call(
+                lambda worker, pipelines: share.peer(worker) if set(pipelines) & self.served else None)
+        said_at = -ROLL_CALL_S
         while not self.pulse.stopping.is_set():
+            if self.share is not None and self.rotation.clock() - said_at >= ROLL_CALL_S:
+                said_at = self.rotation.clock()
+                await self.transport.announce(self.name, sorted(self.served))
             await self.look()
             cold = self.pacer.cold() and len(self.rotation)  # no save rate yet: read often until there is
             await wait_for(self.pulse.stopping, min(self.interval_s, COLD_INTERVAL_S) if cold else self.interval_s)
