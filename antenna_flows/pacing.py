@@ -41,6 +41,8 @@ SHARE_WINDOW_S = 300.0  # how far back the fleet share looks (long: a worker wai
 PEER_TTL_S = 10.0  # a worker not heard from for this long has gone (roll calls every ROLL_CALL_S)
 ROLL_CALL_S = 2.0
 TAIL_CAP_S = 30.0
+ANSWER_SHARE_WINDOW_S = 60.0
+MIN_ANSWER_SHARE = 1 / 16
 BOUND_HOLD_S = 10.0  # once Antenna-bound, the fleet acts so for at least this long (no flapping)  # longest unseen stretch of a job's deliveries extrapolated (REST)
 RATE_WINDOW_S = 10.0  # how far back the save rate looks...
 RATE_READINGS = 4  # ...or over the last this many readings of the counters, whichever is longer
@@ -135,6 +137,15 @@ class FleetShare:
         self._draining.discard(job_id)
         self._read_by_consumer.discard(job_id)
 
+    def unseen(self, job_id: int) -> float:
+        """Deliveries of the job the fleet probably made since this worker last read its sequence
+        (REST: reply subjects), at its last interval's pace, while it had tasks left (capped)."""
+        if job_id in self._read_by_consumer or job_id in self._draining or job_id not in self._rate:
+            return 0.0
+        t, _ = self._last[job_id]
+        rate, gap = self._rate[job_id]
+        return rate * max(0.0, min(self.clock() - t, 2 * gap, TAIL_CAP_S))
+
     def share(self) -> float:
         peers = self.peers()
         if peers:
@@ -188,10 +199,13 @@ class SavePacer:
         self.rate_window_s = rate_window_s
         self.hold_s = initial_hold_s
         self._holds: deque[float] = deque(maxlen=HOLD_SAMPLES)
+        self._answered: deque[float] = deque()  # when this worker's answers were accepted
+        self._saved_log: deque[tuple[float, int]] = deque()  # (t, saves) over ANSWER_SHARE_WINDOW_S
         self._jobs: dict[int, _Job] = {}
         self._saves: deque[tuple[float, int]] = deque()  # (t, saved since the previous reading)
         self._readings: deque[float] = deque(maxlen=RATE_READINGS)  # when the last readings were taken
         self._first_reading: float | None = None
+        self.unseen: Callable[[int], float] = lambda job_id: 0.0  # deliveries not read yet (REST; FleetShare)
         self.cold_limit = math.inf  # until a save is seen: most tasks this worker takes (what its GPU holds, x2)
         self._taken = 0  # fresh tasks this worker took
         self._saved_total = 0  # saves seen, fleet-wide, since the first reading
@@ -217,6 +231,7 @@ class SavePacer:
             job.delivered = max(job.delivered, delivered)
         if job.read_at and done > job.done:
             self._saves.append((now, done - job.done))
+            self._saved_log.append((now, done - job.done))
             self._saved_total += done - job.done
         if self._first_reading is None:
             self._first_reading = now
@@ -237,6 +252,25 @@ class SavePacer:
 
     def forget(self, job_id: int) -> None:
         self._jobs.pop(job_id, None)
+
+    def answered_one(self, held_s: float) -> None:
+        """Antenna accepted one of this worker's answers, ``held_s`` after its reservation."""
+        self._answered.append(self.clock())
+        self.held_for(held_s)
+
+    def answer_share(self) -> float | None:
+        """This worker's answers over the fleet's saves in the last ``ANSWER_SHARE_WINDOW_S`` (None until
+        enough saves were seen): the share that sums to one over a fleet that cannot hear itself (REST).
+        At least MIN_ANSWER_SHARE, so a worker that got little is not shut out for good."""
+        cutoff = self.clock() - ANSWER_SHARE_WINDOW_S
+        while self._answered and self._answered[0] <= cutoff:
+            self._answered.popleft()
+        while self._saved_log and self._saved_log[0][0] <= cutoff:
+            self._saved_log.popleft()
+        saved = sum(n for _, n in self._saved_log)
+        if saved < 16:
+            return None
+        return min(1.0, max(MIN_ANSWER_SHARE, len(self._answered) / saved))
 
     def held_for(self, seconds: float) -> None:
         """One task's time from reservation to an accepted answer (this worker's).
@@ -283,10 +317,13 @@ class SavePacer:
         now = self.clock()
         total = 0.0
         live = [j for j in self._jobs.values() if j.delivered > j.done]
-        for job in live:
+        for job_id, job in self._jobs.items():
+            unseen = self.unseen(job_id)
+            if job.delivered + unseen <= job.done:
+                continue
             since = max(0.0, now - job.read_at) if job.read_at else 0.0
-            extrapolated = rate * since / len(live)  # the fleet's save rate, shared by the jobs in flight
-            total += max(0.0, job.delivered - job.done - extrapolated)
+            extrapolated = rate * since / max(1, len(live))  # the fleet's save rate, shared by the jobs in flight
+            total += max(0.0, job.delivered + unseen - job.done - extrapolated)
         return total
 
     def window(self) -> float:

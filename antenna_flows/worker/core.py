@@ -86,8 +86,10 @@ class Parts:
         self.share = FleetShare(w.clock)
         self.pacer = SavePacer(backlog_s=s.save_backlog_s, clock=w.clock) if s.pace_to_saves else None
         pacer = self.pacer
+        if pacer is not None:
+            pacer.unseen = self.share.unseen
         self.settler = Settler(w.name, w.store, w.ledger, transport, s.release_delay_s, on_fatal=w.fail,
-                               on_answered=(lambda held: pacer.held_for(w.clock() - held.r.reserved_at))
+                               on_answered=(lambda held: pacer.answered_one(w.clock() - held.r.reserved_at))
                                if pacer is not None else (lambda held: None))
         self.poster = Poster(w.name, client, w.orch, self.settler, w.store, w.ledger,
                              PostPolicy(s.antenna_api_batch_size, s.post_max_delay_s,

@@ -120,7 +120,7 @@ class Reserver:
         now = self.rotation.clock()
         if self.pacer is not None and len(self.rotation) and now - self._said_at >= PACING_LOG_S:
             self._said_at = now
-            log.info("worker %s: %s%s", self.name, self.pacer.describe(self.share.share()),
+            log.info("worker %s: %s%s", self.name, self.pacer.describe(self.fleet_share()),
                      "; paced" if self.paced else "")
 
     def room(self) -> float:
@@ -135,7 +135,15 @@ class Reserver:
         p = self.policy
         holding = (p.prefetch_batches + p.slots) * p.max_batch_size
         self.pacer.cold_limit = 2 * max(holding, p.min_chunk)
-        return self.pacer.allowance(self.share.share(), floor=self.policy.min_chunk)
+        return self.pacer.allowance(self.fleet_share(), floor=self.policy.min_chunk)
+
+    def fleet_share(self) -> float:
+        """This worker's part of the fleet's room: exact from the roll call over NATS; over REST its
+        answers over the fleet's saves (shares that sum to one), else its share of the deliveries."""
+        if self.share.peers() or self.pacer is None:
+            return self.share.share()
+        by_answers = self.pacer.answer_share()
+        return by_answers if by_answers is not None else self.share.share()
 
     async def round(self) -> None:
         """Top the pool up to the next batch (within both windows), re-planning when a job comes up short."""
@@ -170,7 +178,13 @@ class Reserver:
                 wants = {j: n for j, n in plan.items() if self._only_redeliveries(j)}
                 fresh = {j: n for j, n in plan.items() if j not in wants}
                 budget = max(0, cap + slack - held)  # the reservation window (ack_wait) still holds
-                if fresh and room >= p.min_chunk and budget >= p.min_chunk:
+                # A chunk is at least min_chunk, or half this worker's part of the window where that is
+                # less (a fleet of many workers on a slow Antenna must still move).
+                assert self.pacer is not None
+                window = self.pacer.window()
+                least = p.min_chunk if math.isinf(window) else min(
+                    p.min_chunk, max(2, int(window * self.fleet_share() / 2)))
+                if fresh and room >= least and budget >= least:
                     chunk = min(int(room), p.api_batch_size, budget)
                     wants.update(one_job(fresh, chunk))  # the whole chunk from the job first in fair order
             else:
