@@ -43,7 +43,8 @@ ROLL_CALL_S = 2.0
 TAIL_CAP_S = 30.0
 ANSWER_SHARE_WINDOW_S = 60.0
 MIN_ANSWER_SHARE = 1 / 16
-BOUND_HOLD_S = 10.0  # once Antenna-bound, the fleet acts so for at least this long (no flapping)  # longest unseen stretch of a job's deliveries extrapolated (REST)
+BOUND_HOLD_S = 10.0
+NO_READINGS_GIVE_UP_S = 30.0  # readings expected but none came since the first task: Antenna does not tell saves  # once Antenna-bound, the fleet acts so for at least this long (no flapping)  # longest unseen stretch of a job's deliveries extrapolated (REST)
 RATE_WINDOW_S = 10.0  # how far back the save rate looks...
 RATE_READINGS = 4  # ...or over the last this many readings of the counters, whichever is longer
 HOLD_SAMPLES = 64  # recent hold times kept...
@@ -206,6 +207,8 @@ class SavePacer:
         self._readings: deque[float] = deque(maxlen=RATE_READINGS)  # when the last readings were taken
         self._first_reading: float | None = None
         self.unseen: Callable[[int], float] = lambda job_id: 0.0  # deliveries not read yet (REST; FleetShare)
+        self.readings_expected = False  # readings will come (REST: from the job list), pace before the first
+        self._first_take: float | None = None
         self.cold_limit = math.inf  # until a save is seen: most tasks this worker takes (what its GPU holds, x2)
         self._taken = 0  # fresh tasks this worker took
         self._saved_total = 0  # saves seen, fleet-wide, since the first reading
@@ -217,6 +220,8 @@ class SavePacer:
     def took(self, n: int) -> None:
         """This worker reserved ``n`` fresh tasks (not redeliveries)."""
         self._taken += n
+        if self._first_take is None:
+            self._first_take = self.clock()
 
     def delivered(self, job_id: int, delivered: int) -> None:
         """The highest stream sequence handed out so far (from a reply subject or the consumer)."""
@@ -356,7 +361,8 @@ class SavePacer:
         """Tasks this worker may reserve now: its share of the room left in the window (at least ``floor``
         while the fleet has nothing in flight, so a window computed from no saves never stalls it)."""
         if self.save_rate() is None:
-            if not self._readings:
+            if not self._readings and (not self.readings_expected or (
+                    self._first_take is not None and self.clock() - self._first_take > NO_READINGS_GIVE_UP_S)):
                 return math.inf  # nothing tells this worker what Antenna saves: it cannot pace
             # Antenna's pace is not known yet: each worker keeps at most what its own GPU holds
             # (twice) unsaved, counting its share of the saves seen so far as its own; so a fleet far

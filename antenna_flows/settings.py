@@ -254,7 +254,7 @@ class WorkerSettings(AntennaSettings):
         "Antenna's saves, and nothing announces new jobs.",
     )
     save_backlog_s: float = Field(
-        5.0, gt=0,
+        8.0, gt=0,
         description="Pace to Antenna's saves: keep the fleet's answers in flight (held, or queued for Antenna's "
         "save) within what Antenna saves in this many seconds plus what the GPUs hold, measured from the jobs' "
         "saved counts. Small: a newcomer's results wait little behind others'; too small: Antenna's save queue "

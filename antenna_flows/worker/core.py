@@ -88,6 +88,7 @@ class Parts:
         pacer = self.pacer
         if pacer is not None:
             pacer.unseen = self.share.unseen
+            pacer.readings_expected = True  # NATS: the consumers; REST: the job list's progress
         self.settler = Settler(w.name, w.store, w.ledger, transport, s.release_delay_s, on_fatal=w.fail,
                                on_answered=(lambda held: pacer.answered_one(w.clock() - held.r.reserved_at))
                                if pacer is not None else (lambda held: None))
