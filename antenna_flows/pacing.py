@@ -207,6 +207,7 @@ class SavePacer:
         self._readings: deque[float] = deque(maxlen=RATE_READINGS)  # when the last readings were taken
         self._first_reading: float | None = None
         self.unseen: Callable[[int], float] = lambda job_id: 0.0  # deliveries not read yet (REST; FleetShare)
+        self.max_latency_s: float | None = None  # REST: at most this long from reservation to saved
         self.readings_expected = False  # readings will come (REST: from the job list), pace before the first
         self._first_take: float | None = None
         self.cold_limit = math.inf  # until a save is seen: most tasks this worker takes (what its GPU holds, x2)
@@ -340,7 +341,10 @@ class SavePacer:
         backlog = max(self.min_backlog, rate * self.backlog_s)
         if self.clock() < self._cut_until:
             backlog *= LAG_CUT
-        return backlog + rate * self.hold_s
+        window = backlog + rate * self.hold_s
+        if self.max_latency_s is not None:  # REST: from reservation to saved well inside ack_wait
+            window = min(window, max(self.min_backlog, rate * self.max_latency_s))
+        return window
 
     def bound(self) -> bool:
         """Antenna's saves, not the GPUs, set the pace: the fleet has had at least half its window in

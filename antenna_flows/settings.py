@@ -248,10 +248,11 @@ class WorkerSettings(AntennaSettings):
         "same rate from 1 worker or 100 (over NATS, JetStream stream-created advisories wake workers at once).",
     )
     busy_discovery_interval_s: float = Field(
-        3.0, gt=0,
+        5.0, gt=0,
         description="rest transport, while serving jobs: the fleet's seconds between job polls (each worker: this "
         "times the fleet size). Over REST these polls also read the jobs' saved counts that pace the fleet to "
-        "Antenna's saves, and nothing announces new jobs.",
+        "Antenna's saves, and nothing announces new jobs. On Antenna a full job list costs ~0.1-0.2 s of its web "
+        "CPU, which its saves share: keep them rare.",
     )
     save_backlog_s: float = Field(
         8.0, gt=0,

@@ -89,6 +89,8 @@ class Parts:
         if pacer is not None:
             pacer.unseen = self.share.unseen
             pacer.readings_expected = True  # NATS: the consumers; REST: the job list's progress
+            if not transport.can_extend:  # REST: no +WPI, so reservation to saved must fit in ack_wait
+                pacer.max_latency_s = 0.5 * s.rest_ack_wait_s
         self.settler = Settler(w.name, w.store, w.ledger, transport, s.release_delay_s, on_fatal=w.fail,
                                on_answered=(lambda held: pacer.answered_one(w.clock() - held.r.reserved_at))
                                if pacer is not None else (lambda held: None))
@@ -106,7 +108,7 @@ class Parts:
             DiscoveryPolicy(w.served, frozenset(s.job_ids), s.exit_when_done, s.discovery_interval_s,
                             s.busy_discovery_interval_s, s.idle_forget_s, progress_polls=rest and pacer is not None),
             w.pulse, on_polled=lambda: w.ready("discovery"), on_done=w.stop, on_fatal=w.fail,
-            fleet_size=self.share.fleet_size, pacer=pacer)
+            fleet_size=lambda: 1.0 / self.reserver.fleet_share(), pacer=pacer)
         self.intake = Intake(
             w.name, w.store, w.ledger, w.scheduler, loader, w.model, self.settler, repost=self.poster.repost,
             spawn=w.spawn, clock=w.clock, can_hold=transport.can_extend and pacer is not None,

@@ -35,6 +35,7 @@ from antenna_flows.worker.settle import Settler
 log = logging.getLogger(__name__)
 
 ADVISORY_FOLLOW_UPS_S = (0.05, 0.2, 0.5)  # polls after a stream-created advisory, until a job joins
+COLD_POLL_S = 2.0  # REST, until the first save rate: each worker reads the jobs' progress this often
 
 
 @dataclass
@@ -114,7 +115,7 @@ class Discovery:
                 # Over REST only polls find new jobs (and read saves): while busy, the fleet polls sooner,
                 # and each worker at its own pace until it has seen Antenna save (the pacer's first rate).
                 cold = self.policy.progress_polls and self.pacer is not None and self.pacer.save_rate() is None
-                busy = self.policy.busy_interval_s * (1.0 if cold else fleet)
+                busy = COLD_POLL_S if cold else self.policy.busy_interval_s * fleet
                 wait = min(wait, busy * self.rng.uniform(0.75, 1.25))
             if not await wait_for(self.pulse.discover, wait) or self.pulse.stopping.is_set():
                 continue

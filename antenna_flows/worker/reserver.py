@@ -40,6 +40,7 @@ from antenna_flows.worker.rotation import Rotation
 log = logging.getLogger(__name__)
 
 PACING_LOG_S = 10.0  # how often the pacer's view is logged while serving
+RESERVE_LOG_LEVEL = logging.INFO
 
 
 @dataclass
@@ -134,7 +135,9 @@ class Reserver:
             return math.inf
         p = self.policy
         holding = (p.prefetch_batches + p.slots) * p.max_batch_size
-        self.pacer.cold_limit = 2 * max(holding, p.min_chunk)
+        # over REST nothing keeps a task alive: what is taken before Antenna's pace is known must be saved
+        # within ack_wait, so a REST worker takes only what its GPU holds (NATS: twice that, kept alive)
+        self.pacer.cold_limit = (1 if p.costly_requests else 2) * max(holding, p.min_chunk)
         return self.pacer.allowance(self.fleet_share(), floor=self.policy.min_chunk)
 
     def fleet_share(self) -> float:
@@ -197,6 +200,8 @@ class Reserver:
             wants = {j: min(n, p.api_batch_size) for j, n in wants.items() if n > 0}
             if not wants:
                 return
+            log.log(RESERVE_LOG_LEVEL, "worker %s: reserving %s (%s, room %.1f, held %d, target %d)", self.name, wants,
+                    "paced" if self.paced else "GPU budget", min(room, 1e9), held, target)
             if all(self.scheduler.dry_for(j) > 0 for j in wants):
                 # Only probing jobs that had nothing last time: not worth a unit of record of its own.
                 got = await self.reserve(wants)
