@@ -40,7 +40,7 @@ from antenna_flows.worker.rotation import Rotation
 log = logging.getLogger(__name__)
 
 PACING_LOG_S = 10.0  # how often the pacer's view is logged while serving
-RESERVE_LOG_LEVEL = logging.INFO
+RESERVE_LOG_LEVEL = logging.DEBUG
 
 
 @dataclass
