@@ -206,6 +206,7 @@ class SavePacer:
         self._saves: deque[tuple[float, int]] = deque()  # (t, saved since the previous reading)
         self._readings: deque[float] = deque(maxlen=RATE_READINGS)  # when the last readings were taken
         self._first_reading: float | None = None
+        self._saving_since: float | None = None  # the reading before the first save seen
         self.unseen: Callable[[int], float] = lambda job_id: 0.0  # deliveries not read yet (REST; FleetShare)
         self.max_latency_s: float | None = None  # REST: at most this long from reservation to saved
         self.readings_expected = False  # readings will come (REST: from the job list), pace before the first
@@ -236,6 +237,8 @@ class SavePacer:
         if delivered is not None:
             job.delivered = max(job.delivered, delivered)
         if job.read_at and done > job.done:
+            if self._saving_since is None:  # the first save seen: it happened after the previous reading
+                self._saving_since = self._readings[-1] if self._readings else now
             self._saves.append((now, done - job.done))
             self._saved_log.append((now, done - job.done))
             self._saved_total += done - job.done
@@ -309,7 +312,9 @@ class SavePacer:
             return 0.0  # Antenna saved before, and nothing since: its saves stopped (an outage)
         if not self._saves:
             return None  # nothing saved yet: no evidence of Antenna's pace either way
-        span = last - max(start, self._first_reading or start)
+        # from the reading before the first save, not the first reading: before Antenna saved anything
+        # (its first answers still on their way) is no evidence of its pace
+        span = last - max(start, self._saving_since or self._first_reading or start)
         if span < 1.0:
             return None
         return sum(n for _, n in self._saves) / span
@@ -369,7 +374,7 @@ class SavePacer:
                     self._first_take is not None and self.clock() - self._first_take > NO_READINGS_GIVE_UP_S)):
                 return math.inf  # nothing tells this worker what Antenna saves: it cannot pace
             # Antenna's pace is not known yet: each worker keeps at most what its own GPU holds
-            # (twice) unsaved, counting its share of the saves seen so far as its own; so a fleet far
+            # unsaved, counting its share of the saves seen so far as its own; so a fleet far
             # faster than Antenna's saves does not flood its queue before the first rate, and one
             # whose answers are saved at once is not held back.
             return max(0.0, self.cold_limit - (self._taken - share * self._saved_total))

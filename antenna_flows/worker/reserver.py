@@ -127,7 +127,7 @@ class Reserver:
     def room(self) -> float:
         """Tasks Antenna's saves leave room for (this worker's share); infinite when not pacing.
 
-        Until the first save is seen each worker takes at most twice what its GPU holds (a batch
+        Until the first save is seen each worker takes at most what its GPU holds (a batch
         running and the prefetched ones): enough for GPU-bound work, not a flood of answers into a
         save queue whose pace is not known yet.
         """
@@ -135,9 +135,9 @@ class Reserver:
             return math.inf
         p = self.policy
         holding = (p.prefetch_batches + p.slots) * p.max_batch_size
-        # over REST nothing keeps a task alive: what is taken before Antenna's pace is known must be saved
-        # within ack_wait, so a REST worker takes only what its GPU holds (NATS: twice that, kept alive)
-        self.pacer.cold_limit = (1 if p.costly_requests else 2) * max(holding, p.min_chunk)
+        # what is taken before Antenna's pace is known lands in its save queue at once: at most what
+        # the GPU holds (over REST it must also be saved within ack_wait: nothing keeps it alive)
+        self.pacer.cold_limit = max(holding, p.min_chunk)
         return self.pacer.allowance(self.fleet_share(), floor=self.policy.min_chunk)
 
     def fleet_share(self) -> float:
