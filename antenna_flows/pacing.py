@@ -40,11 +40,11 @@ SHARE_WINDOW_S = 300.0  # how far back the fleet share looks (long: a worker wai
 # read its own waiting as a smaller share, which would make it wait longer still)
 PEER_TTL_S = 10.0  # a worker not heard from for this long has gone (roll calls every ROLL_CALL_S)
 ROLL_CALL_S = 2.0
-TAIL_CAP_S = 30.0
+TAIL_CAP_S = 30.0  # longest unseen stretch of a job's deliveries extrapolated (REST)
 ANSWER_SHARE_WINDOW_S = 60.0
 MIN_ANSWER_SHARE = 1 / 16
-BOUND_HOLD_S = 10.0
-NO_READINGS_GIVE_UP_S = 30.0  # readings expected but none came since the first task: Antenna does not tell saves  # once Antenna-bound, the fleet acts so for at least this long (no flapping)  # longest unseen stretch of a job's deliveries extrapolated (REST)
+BOUND_HOLD_S = 10.0  # once Antenna-bound, the fleet acts so for at least this long (no flapping)
+NO_READINGS_GIVE_UP_S = 30.0  # readings expected but none came since the first task: Antenna does not tell saves
 RATE_WINDOW_S = 10.0  # how far back the save rate looks...
 RATE_READINGS = 4  # ...or over the last this many readings of the counters, whichever is longer
 HOLD_SAMPLES = 64  # recent hold times kept...
@@ -216,6 +216,7 @@ class SavePacer:
         self._saved_total = 0  # saves seen, fleet-wide, since the first reading
         self._cut_until = 0.0
         self._bound_at = -math.inf
+        self._last_save_at: float | None = None
 
     # --- what the worker sees -------------------------------------------------------------
 
@@ -242,6 +243,7 @@ class SavePacer:
             self._saves.append((now, done - job.done))
             self._saved_log.append((now, done - job.done))
             self._saved_total += done - job.done
+            self._last_save_at = now
         if self._first_reading is None:
             self._first_reading = now
         if not self._readings or now > self._readings[-1]:
@@ -320,7 +322,22 @@ class SavePacer:
         return sum(n for _, n in self._saves) / span
 
     def _ever_saved_before(self, t: float) -> bool:
-        return any(j.done > 0 for j in self._jobs.values())
+        # a save this pacer saw happen (a job that was half done when this worker started is no
+        # evidence of Antenna's pace, and reading it as "saves stopped" would stall a restarted worker)
+        return self._saved_total > 0
+
+    def stalled(self, after_s: float) -> bool:
+        """Something is in flight and no save was seen for ``after_s`` (since this worker started
+        looking): what is in flight may be nobody's (a worker that died, answers whose saves failed),
+        waiting in the queue for a redelivery that only a reservation fetches. A pacer that waited
+        for room then would wait for ever; the worker probes with a small chunk instead."""
+        since = self._last_save_at
+        if since is None:
+            starts = [t for t in (self._first_take, self._first_reading) if t is not None]
+            if not starts:
+                return False
+            since = min(starts)
+        return self.clock() - since > after_s and self.in_flight() >= 1
 
     def in_flight(self) -> float:
         """Tasks handed out and not yet saved, fleet-wide; saves since each reading extrapolated."""
@@ -377,7 +394,10 @@ class SavePacer:
             # unsaved, counting its share of the saves seen so far as its own; so a fleet far
             # faster than Antenna's saves does not flood its queue before the first rate, and one
             # whose answers are saved at once is not held back.
-            return max(0.0, self.cold_limit - (self._taken - share * self._saved_total))
+            mine = self._taken - share * self._saved_total
+            if self._readings:  # saves made before this worker's first reading are not in saved_total
+                mine = min(mine, self.in_flight() * share)
+            return max(0.0, self.cold_limit - mine)
         window = self.window()
         flight = self.in_flight()
         room = max(0.0, window - flight) * share

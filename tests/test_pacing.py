@@ -135,20 +135,62 @@ def test_saves_that_fail_are_not_lag():
     assert pacer.save_delay_s() == 0.0
 
 
-def test_before_the_first_save_rate_a_worker_keeps_at_most_twice_its_gpus_holding_unsaved():
+def test_before_the_first_save_rate_a_worker_keeps_at_most_its_gpus_holding_unsaved():
     clock = Clock()
     pacer = SavePacer(clock=clock)
     pacer.cold_limit = 32
     assert math.isinf(pacer.allowance(1.0))  # no reading at all: nothing to pace by
     pacer.saved(1, 0)  # a first reading: Antenna has saved nothing yet
     pacer.took(24)
+    pacer.delivered(1, 24)  # (a reservation tells both: what this worker took, how far the job was handed out)
     assert pacer.allowance(1.0) == 8  # 24 unsaved of 32
     pacer.took(8)
+    pacer.delivered(1, 32)
     assert pacer.allowance(1.0) == 0  # an Antenna slower than the GPU: no flood before its pace is known
     clock.t += 0.25
     pacer.saved(1, 16)  # saves come in (the rate is not known yet: readings span less than a second)
     assert pacer.save_rate() is None
-    assert pacer.allowance(0.5) == 32 - (32 - 0.5 * 16)  # its share of the saves seen counts as its own
+    assert pacer.allowance(1.0) == 16  # the saves seen count: 16 of its 32 are still unsaved
+
+
+def test_a_worker_that_starts_after_the_saves_reads_what_is_in_flight_not_what_it_took():
+    """A worker whose first reading comes after Antenna saved what it took (a fast stand-in, a
+    restart) saw no save happen: it must not count those tasks as unsaved for ever."""
+    clock = Clock()
+    pacer = SavePacer(clock=clock)
+    pacer.cold_limit = 16
+    pacer.saved(1, 0)
+    pacer.took(16)
+    pacer.delivered(1, 16)
+    assert pacer.allowance(1.0) == 0
+    clock.t += 0.25
+    pacer.saved(1, 16, delivered=16)  # all saved before the second reading: no rate yet (too short)
+    assert pacer.save_rate() is None
+    assert pacer.allowance(1.0) == 16
+
+    restarted = SavePacer(clock=clock)  # the job was half done when this worker came: no evidence of a pace
+    restarted.cold_limit = 16
+    restarted.saved(2, 300, delivered=324)  # 24 in flight, held by a worker that died
+    clock.t += 30.0
+    restarted.saved(2, 300, delivered=324)
+    assert restarted.save_rate() is None  # not "saves stopped": nothing was seen saving
+    assert restarted.allowance(1.0) == 16  # it took nothing yet: what its own GPU holds
+    assert restarted.stalled(after_s=20.0)  # nothing moved for longer than ack_wait: the worker may probe
+
+
+def test_saves_that_stop_make_the_fleet_stalled_after_ack_wait_so_redeliveries_are_fetched():
+    clock = Clock()
+    pacer = SavePacer(clock=clock)
+    pacer.saved(1, 0, delivered=0)
+    for i in range(1, 11):
+        clock.t += 1.0
+        pacer.saved(1, 10 * i, delivered=10 * i + 20)
+    assert pacer.save_rate() > 5 and not pacer.stalled(after_s=15.0)
+    for _ in range(20):  # a database outage: nothing saved for 20 s
+        clock.t += 1.0
+        pacer.saved(1, 100, delivered=120)
+    assert pacer.save_rate() == 0.0
+    assert pacer.stalled(after_s=15.0) and not pacer.stalled(after_s=25.0)
 
 
 def test_over_rest_the_fleets_unseen_deliveries_since_a_jobs_last_reading_are_counted():

@@ -39,6 +39,7 @@ from antenna_flows.worker.rotation import Rotation
 
 log = logging.getLogger(__name__)
 
+STALL_GRACE_S = 5.0  # no save for ack_wait plus this: probe for redeliveries (see SavePacer.stalled)
 PACING_LOG_S = 10.0  # how often the pacer's view is logged while serving
 RESERVE_LOG_LEVEL = logging.DEBUG
 
@@ -134,11 +135,17 @@ class Reserver:
         if self.pacer is None:
             return math.inf
         p = self.policy
-        holding = (p.prefetch_batches + p.slots) * p.max_batch_size
+        # what the worker's pipeline holds: the batches prefetched, running and being posted
+        holding = (p.prefetch_batches + p.slots + 1) * p.max_batch_size
         # what is taken before Antenna's pace is known lands in its save queue at once: at most what
         # the GPU holds (over REST it must also be saved within ack_wait: nothing keeps it alive)
         self.pacer.cold_limit = max(holding, p.min_chunk)
-        return self.pacer.allowance(self.fleet_share(), floor=self.policy.min_chunk)
+        room = self.pacer.allowance(self.fleet_share(), floor=p.min_chunk)
+        if self.pacer.stalled(self.rotation.ack_wait_s() + STALL_GRACE_S):
+            # no save for longer than ack_wait: what is in flight may be nobody's, waiting for a fetch
+            # to redeliver it (redeliveries come first); a small probe, never more than one chunk held
+            room = max(room, float(p.min_chunk - self.store.held_count()))
+        return room
 
     def fleet_share(self) -> float:
         """This worker's part of the fleet's room: exact from the roll call over NATS; over REST its

@@ -82,6 +82,8 @@ class SaveWatch:
                 continue
             if stats is None:
                 continue
+            log.debug("worker %s: job %s: consumer read: delivered %d, awaiting an ack %d, ack floor %d, pending %d",
+                      self.name, job_id, stats.delivered_msgs, stats.ack_pending, stats.ack_floor, stats.pending)
             self.pacer.saved(job_id, stats.done, stats.delivered_msgs)
             if self.share is not None:
                 self.share.consumer(job_id, stats.deliveries)
