@@ -152,7 +152,9 @@ async def test_sigterm_finishes_the_batch_and_the_run_completes(prefect_server, 
             output = log_path.read_text()
             assert rc == 0, output[-3000:]
             assert "TerminationSignal" not in output and "Crash detected" not in output, output[-3000:]
-            assert "stopped (SIGTERM" in output and "released" in output, output[-3000:]
+            # (what waited unstarted at the signal is handed back; paced to Antenna's saves the worker may
+            # hold nothing unstarted then: the stop order itself is tested in test_worker_stop.py)
+            assert "stopped (SIGTERM" in output, output[-3000:]
             (run,) = [r for r in await flow_runs(name) if r.name == name]
             if cancel:
                 assert "STATE CANCELLED" in output and run.state.is_cancelled(), run.state

@@ -14,7 +14,7 @@ import json
 import math
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 
 import numpy as np
 import pytest
@@ -35,6 +35,8 @@ from antenna_flows.schemas import (
     SourceImageResponse,
     TaskResult,
 )
+
+from tests.helpers import QuietHTTPServer
 
 GLOBAL_CLASSES = 29_176  # global_moths_2024
 BINARY = AlgorithmReference(name="Moth / non-moth", key="moth_nonmoth_classifier")
@@ -176,7 +178,7 @@ async def test_post_results_sends_the_fast_json_to_antenna():
         def log_message(self, *args: object) -> None:
             pass
 
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    httpd = QuietHTTPServer(("127.0.0.1", 0), Handler)
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
     client = AntennaClient(f"http://127.0.0.1:{httpd.server_address[1]}/api/v2", "token")
     try:

@@ -15,6 +15,8 @@ import torch
 from antenna_flows.models.registry import RemoteFile
 from antenna_flows.models.weights import ChecksumMismatch, MissingWeights, load_label_map, load_state_dict, resolve
 
+from tests.helpers import QuietHTTPServer
+
 PAYLOAD = b"not really weights" * 1000
 
 
@@ -38,7 +40,7 @@ class _Files(http.server.BaseHTTPRequestHandler):
 @pytest.fixture
 def store() -> Iterator[str]:
     _Files.hits = []
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Files)
+    server = QuietHTTPServer(("127.0.0.1", 0), _Files)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     yield f"http://127.0.0.1:{server.server_address[1]}"
     server.shutdown()

@@ -52,7 +52,8 @@ from antenna_flows.antenna_client import AntennaClient
 from antenna_flows.imageloader import ImageLoader
 from antenna_flows.models.base import ImageInput, Model, UnknownPipeline
 from antenna_flows.orchestration import Orchestrator, PlainOrchestrator
-from antenna_flows.pacing import FleetShare, SavePacer
+from antenna_flows.fleet_share import FleetShare
+from antenna_flows.pacing import SavePacer
 from antenna_flows.scheduler import CostModel, FairScheduler
 from antenna_flows.schemas import PipelineProcessingTask
 from antenna_flows.settings import WorkerSettings

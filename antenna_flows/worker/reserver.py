@@ -29,7 +29,8 @@ from typing import Awaitable, Callable
 from antenna_flows.antenna_client import AuthError, Rejected
 from antenna_flows.jetstream import Reservation, StreamGone
 from antenna_flows.orchestration import Orchestrator
-from antenna_flows.pacing import FleetShare, SavePacer
+from antenna_flows.fleet_share import FleetShare
+from antenna_flows.pacing import SavePacer
 from antenna_flows.scheduler import FairScheduler, reservation_cap
 from antenna_flows.transport import Transport
 from antenna_flows.worker.base import OUTAGES, TICK_S, FatalWorkerError, Pulse, wait_for

@@ -21,7 +21,8 @@ import logging
 from typing import Awaitable, Callable
 
 from antenna_flows.jetstream import StreamGone
-from antenna_flows.pacing import ROLL_CALL_S, FleetShare, SavePacer
+from antenna_flows.fleet_share import ROLL_CALL_S, FleetShare
+from antenna_flows.pacing import SavePacer
 from antenna_flows.transport import Transport
 from antenna_flows.worker.base import OUTAGES, Pulse, wait_for
 from antenna_flows.worker.held import HeldTask, State, TaskStore
