@@ -255,11 +255,12 @@ class WorkerSettings(AntennaSettings):
         "CPU, which its saves share: keep them rare.",
     )
     save_backlog_s: float = Field(
-        8.0, gt=0,
+        5.0, gt=0,
         description="Pace to Antenna's saves: keep the fleet's answers in flight (held, or queued for Antenna's "
         "save) within what Antenna saves in this many seconds plus what the GPUs hold, measured from the jobs' "
-        "saved counts. Small: a newcomer's results wait little behind others'; too small: Antenna's save queue "
-        "runs dry between posts.",
+        "saved counts. Small: a newcomer waits little (Antenna's Celery queue holds a new job's own start as "
+        "well as its results, so it waits behind this backlog twice); too small: the save queue runs dry "
+        "between posts.",
     )
     pace_to_saves: bool = Field(
         True, description="Reserve no faster than Antenna saves (off: reserve as fast as the GPU runs)."
