@@ -327,8 +327,12 @@ def add_missing_lab_commands(subparsers: Any) -> None:
         if name in subparsers.choices:
             continue
         parser = subparsers.add_parser(name, help=f"(lab, not installed) {what}", add_help=False)
-        parser.add_argument("rest", nargs=argparse.REMAINDER)
-        parser.set_defaults(func=lambda args, name=name: _lab_missing(name))
+
+        def missing(args: argparse.Namespace, name: str = name) -> int:
+            return _lab_missing(name)
+
+        missing.lab_missing = True  # type: ignore[attr-defined]
+        parser.set_defaults(func=missing)
 
 
 def _lab_missing(name: str) -> int:
@@ -368,7 +372,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 def run_command(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> int:
     """Parse, set up logging, run the subcommand; errors a user can act on become one line and exit 1."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if getattr(args, "func", None) is not None and getattr(args.func, "lab_missing", False):
+        return args.func(args)  # a lab command on a product-only install: whatever its options, say how to get it
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     args.argv = argv  # a command that starts copies of itself (worker --devices) reuses it
     logging.basicConfig(level=args.log_level.upper(), format=LOG_FORMAT)
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request drowns everything else

@@ -278,3 +278,17 @@ def test_service_unreachable_is_one_line(capsys: pytest.CaptureFixture[str], mon
     assert main(["worker", "--model-kind", "sim"]) == 1
     assert capsys.readouterr().err.strip() == (
         "error: cannot reach NATS at nats://10.0.0.9:4222 (no server answered within 10 s)")
+
+
+@pytest.mark.parametrize("argv", [["bench"], ["bench", "--help"], ["demo", "--workers", "2"]])
+def test_a_lab_command_on_a_product_only_install_says_how_to_install_the_lab(argv, capsys):
+    """Without the lab (its commands not registered), each lab command, whatever its options, answers
+    with how to install it and exits 2, rather than an argparse complaint about its options."""
+    from antenna_flows.cli import LAB_INSTALL, Parser, add_missing_lab_commands, run_command
+
+    parser = Parser(prog="antenna-flows")
+    parser.add_argument("--log-level", default="INFO")
+    add_missing_lab_commands(parser.add_subparsers(dest="command", required=True, parser_class=Parser))
+    assert run_command(parser, argv) == 2
+    err = capsys.readouterr().err
+    assert f"`antenna-flows {argv[0]}` is a lab command and the lab is not installed" in err and LAB_INSTALL in err
