@@ -263,8 +263,8 @@ class SavePacer:
             # faster than Antenna's saves does not flood its queue before the first rate, and one
             # whose answers are saved at once is not held back.
             mine = self._taken - share * self._saved_total
-            if self._readings:  # saves made before this worker's first reading are not in saved_total
-                mine = min(mine, self.in_flight() * share)
+            if self._readings and self.in_flight() < 1:
+                mine = 0.0  # nothing in flight fleet-wide: what it took was saved before its first reading
             return max(0.0, self.cold_limit - mine)
         window = self.window()
         flight = self.in_flight()

@@ -136,8 +136,10 @@ class Reserver:
         if self.pacer is None:
             return math.inf
         p = self.policy
-        # what the worker's pipeline holds: the batches prefetched, running and being posted
-        holding = (p.prefetch_batches + p.slots + 1) * p.max_batch_size
+        # what the worker's pipeline holds: the batches prefetched and running, and over NATS the one being
+        # posted (its +WPI keeps it alive); over REST nothing extends a reservation, and a fleet's cold start
+        # lands in Antenna's save queue whole, ahead of any job that comes next
+        holding = (p.prefetch_batches + p.slots + (0 if p.costly_requests else 1)) * p.max_batch_size
         # what is taken before Antenna's pace is known lands in its save queue at once: at most what
         # the GPU holds (over REST it must also be saved within ack_wait: nothing keeps it alive)
         self.pacer.cold_limit = max(holding, p.min_chunk)
@@ -205,6 +207,8 @@ class Reserver:
                 wants = trim(wants, min(cap + slack - held, int(min(room, 1 << 30))))
                 if p.costly_requests:
                     wants = {j: max(n, p.min_chunk) for j, n in wants.items()}
+                    if not math.isinf(room):  # one request of a chunk rather than several small ones, within the room
+                        wants = trim(wants, max(int(room), p.min_chunk if held == 0 else 0))
             wants = {j: min(n, p.api_batch_size) for j, n in wants.items() if n > 0}
             if not wants:
                 return
