@@ -58,7 +58,8 @@ def stand_in_figures(report: dict[str, Any], small: int) -> dict[str, Any]:
     images = sum(j["images"] for j in report["jobs"])
     requests = report.get("api_requests") or {}
     return {
-        "group": (report["strategy"], report.get("transport") or "nats"),
+        "group": (report["strategy"], report.get("transport") or "nats")
+        + (("prefect",) if report.get("orchestration") == "prefect" else ()),  # the harness runs plain workers
         "makespan_s": report.get("saved_makespan_s", report["makespan_s"]),
         "small_saved_s": sorted(round(j["saved_s"] - j["submitted_s"], 1) for j in report["jobs"]
                                 if j["images"] <= small and j.get("saved_s") is not None),
@@ -116,15 +117,22 @@ def _show(value: Any) -> str:
     return "-" if value is None else str(value)
 
 
+def bench_reports(data: Any) -> list[dict[str, Any]]:
+    """One bench report, or every report of an ``antenna-flows compare --json`` file (its ``reports``)."""
+    if isinstance(data, dict) and isinstance(data.get("reports"), dict):
+        return [r for runs in data["reports"].values() for r in runs]
+    return [data]
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--real", nargs="+", type=Path, default=[], help="harness run reports (run_mix.py JSON)")
-    ap.add_argument("--stand-in", nargs="+", type=Path, default=[], help="bench reports (antenna-flows bench --json)")
+    ap.add_argument("--stand-in", nargs="+", type=Path, default=[], help="bench reports (antenna-flows bench --json) or compare files (compare --json)")
     ap.add_argument("--small", type=int, default=10, help="a small job has at most this many images (default 10)")
     ap.add_argument("--json", type=Path, help="also write the table as JSON here")
     a = ap.parse_args(argv)
     real = [real_figures(json.loads(p.read_text()), a.small) for p in a.real]
-    stand_in = [stand_in_figures(json.loads(p.read_text()), a.small) for p in a.stand_in]
+    stand_in = [stand_in_figures(report, a.small) for p in a.stand_in for report in bench_reports(json.loads(p.read_text()))]
     text, data = table(real, stand_in)
     print(text)
     if a.json:
