@@ -129,32 +129,6 @@ async def test_saves_are_one_fifo_across_jobs_at_the_configured_rate_and_acked_a
     assert stack.antenna.plane.save_queue_peak >= 7
 
 
-async def test_a_jobs_start_waits_in_the_save_queue_behind_earlier_results(costly) -> None:
-    """``job_start_s``: as Antenna's Celery, a new job is started (its tasks published) by a save worker,
-    behind every result queued before it: a small job enqueued behind a backlog is PENDING, with no
-    task to hand out, until the backlog is saved; without it, a job starts at once."""
-    stack = costly(save_workers=1, save_s_per_result=0.1, job_start_s=0.05)
-    api = stack.admin.client
-    big = stack.create_job(PIPELINE, 8)
-    deadline = time.monotonic() + 10
-    while stack.admin.job(big.id).status != "STARTED":  # its own start went through the (empty) queue
-        assert time.monotonic() < deadline
-        await asyncio.sleep(0.02)
-    tasks = reserve(api, big.id, 8)
-    assert len(tasks) == 8
-    assert post_results(api, big.id, *[(t["reply_subject"], success(t)) for t in tasks]).status_code == 200
-    small = stack.create_job(PIPELINE, 2)  # behind 8 saves of 0.1 s on one worker
-    assert stack.admin.job(small.id).status == "PENDING"
-    assert reserve(api, small.id, 2) == []
-    stack.wait_saved(timeout=10)
-    assert stack.admin.job(small.id).status == "STARTED"
-    assert len(reserve(api, small.id, 2)) == 2
-    assert len(stack.store.results(big.id)) == 8  # every earlier result was saved first
-
-    at_once = costly(save_workers=1, save_s_per_result=0.1)  # no job_start_s: started by the request itself
-    assert at_once.create_job(PIPELINE, 2).status == "STARTED"
-
-
 async def test_two_save_workers_save_twice_as_fast(costly) -> None:
     stack = costly(save_workers=2, save_s_per_result=0.2)
     api = stack.admin.client

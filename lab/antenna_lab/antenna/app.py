@@ -211,7 +211,6 @@ def create_app(
     plane = JobPlane(
         store, nats_url, queue_config, save_workers=save_workers, reap_dead_letters=reap_dead_letters, seed=seed,
         save_s_per_result=costs.save_s_per_result if costs is not None else 0.0, cpu=cpu,
-        job_start_s=costs.job_start_s if costs is not None else None,
     )
     antenna = LocalAntenna(plane, token, max_body_bytes, costs, cpu)
     antenna.heartbeat_throttle_s = heartbeat_throttle_s

@@ -15,8 +15,6 @@ the GPU is always the bottleneck; with one (a scenario's ``antenna`` section, se
   the request's latency.
 - saves: ``save_workers`` save workers take results off one FIFO queue, each save holding its
   worker ``save_s_per_result`` (``jobplane.JobPlane``); the ack is published after the save.
-  Optionally (``job_start_s``) a job's start waits in that queue too (Antenna's ``run_job`` Celery
-  task shares the workers: a 10-image job enqueued behind a backlog started 15 s later, celery.log).
 
 The bench's own admin requests are not workers' traffic and take no web worker.
 
@@ -60,12 +58,6 @@ class AntennaCosts(BaseModel):
     request_s: RequestCosts = Field(default_factory=RequestCosts)
     save_workers: int = Field(2, ge=1, description="concurrent result saves (Celery processes on ml_results)")
     save_s_per_result: float = Field(0.0, ge=0, description="seconds one save holds a save worker")
-    job_start_s: float | None = Field(
-        None, ge=0,
-        description="extension: starting a job (its stream and tasks published) is a task in the save queue, FIFO "
-        "with the saves, holding a save worker this long, as Antenna's Celery runs both: a new job waits behind "
-        "the save backlog before any worker can see its tasks; None: a job starts at once",
-    )
     cpu_cores: float | None = Field(
         None, gt=0,
         description="extension: the request and save costs are CPU seconds on this many cores, shared by the busy "

@@ -42,7 +42,7 @@ from nats.js.errors import APIError
 
 from antenna_lab.antenna.costs import Cpu
 from antenna_lab.antenna.drf import BadRequest
-from antenna_lab.antenna.models import CREATED, PENDING, Job, JobCreate
+from antenna_lab.antenna.models import CREATED, Job, JobCreate
 from antenna_lab.antenna.store import Conflict, ImageRecord, NewResult, Store
 from antenna_lab.antenna.streams import JobStreams
 from antenna_flows.jetstream import (
@@ -99,14 +99,6 @@ class QueuedSave:
     queued_at: float
 
 
-@dataclass
-class QueuedStart:
-    """A job's start waiting in the save queue (the cost model's ``job_start_s``: Antenna's Celery)."""
-
-    job_id: int
-    queued_at: float
-
-
 class JobPlane:
     def __init__(
         self,
@@ -119,7 +111,6 @@ class JobPlane:
         seed: int = 0,
         save_s_per_result: float = 0.0,
         cpu: Cpu | None = None,
-        job_start_s: float | None = None,
     ):
         self.store = store
         self.nats_url = nats_url
@@ -131,7 +122,7 @@ class JobPlane:
         self._gone_reported: set[int] = set()
         self._refusals_logged: set[tuple[int, str]] = set()
         self._stopping = asyncio.Event()
-        self._saves: asyncio.Queue[QueuedSave | QueuedStart] | None = None
+        self._saves: asyncio.Queue[QueuedSave] | None = None
         self._saving = 0  # saves taken off the queue and not yet done
         self._savers: list[asyncio.Task[None]] = []
         self._rng = random.Random(seed)
@@ -143,7 +134,6 @@ class JobPlane:
         self.saves_failed = 0
         self.save_s_per_result = max(0.0, save_s_per_result)  # what one save costs (the cost model)
         self.cpu = cpu or Cpu(None)  # where that cost is spent (shared with the web workers when modelled)
-        self.job_start_s = job_start_s  # None: a job starts at once; else in the save queue, costing this
         self.save_queue_peak = 0  # results accepted and not yet saved, at most
         self._answered: dict[int, dict[str, float]] = {}  # job -> image (or reply subject) -> first acceptance
         self._save_delays: dict[int, list[float]] = {}  # job -> acceptance-to-save seconds of each stored save
@@ -239,25 +229,11 @@ class JobPlane:
         if not request.start:
             return job
         self.store.mark_pending(job.id)
-        if self.job_start_s is not None and self._saves is not None:
-            # Antenna: the start is a Celery task behind every result queued before it; PENDING until then
-            self._saves.put_nowait(QueuedStart(job.id, time.monotonic()))
-            return self.store.job(job.id) or job
         try:
             return await self._start(job, rows)
         except NatsUnavailable:
             self.store.discard_job(job.id)
             raise
-
-    async def _start_queued(self, item: QueuedStart) -> None:
-        """A queued start reaches a save worker: it costs ``job_start_s``, then the job starts as usual."""
-        await self.cpu.run(self.job_start_s or 0.0)
-        job = self.store.job(item.job_id)
-        if job is None or job.status != PENDING:
-            return  # cancelled or discarded while it waited
-        log.info("job %s: start ran %.1fs after it was queued (behind the save queue)",
-                 job.id, time.monotonic() - item.queued_at)
-        await self._start(job, self.store.images(job.id))
 
     async def run_job(self, job: Job) -> Job:
         """Start a CREATED job (Antenna's ``/jobs/{id}/run/``); any other state is left as is."""
@@ -435,16 +411,6 @@ class JobPlane:
         assert self._saves is not None
         while True:
             item = await self._saves.get()
-            if isinstance(item, QueuedStart):
-                self._saving += 1
-                try:
-                    await self._start_queued(item)
-                except Exception:  # noqa: BLE001 - as a failed Celery task: logged, the job stays PENDING
-                    log.exception("job %s: queued start failed", item.job_id)
-                finally:
-                    self._saving -= 1
-                    self._saves.task_done()
-                continue
             self._saving += 1
             try:
                 await self._save_one(item)
