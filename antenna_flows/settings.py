@@ -258,9 +258,8 @@ class WorkerSettings(AntennaSettings):
         5.0, gt=0,
         description="Pace to Antenna's saves: keep the fleet's answers in flight (held, or queued for Antenna's "
         "save) within what Antenna saves in this many seconds plus what the GPUs hold, measured from the jobs' "
-        "saved counts. Small: a newcomer waits little (Antenna's Celery queue holds a new job's own start as "
-        "well as its results, so it waits behind this backlog twice); too small: the save queue runs dry "
-        "between posts.",
+        "saved counts. Small: a newcomer's results wait little behind others' in Antenna's one save queue; "
+        "too small: the save queue runs dry between posts.",
     )
     pace_to_saves: bool = Field(
         True, description="Reserve no faster than Antenna saves (off: reserve as fast as the GPU runs)."
