@@ -122,6 +122,17 @@ def compare(scenario: Scenario, fair_runs: int = 2, drain_runs: int = 3, small: 
         ratios["drain_vs_fair_small_job_latency"] = round(drain["small_jobs_worst_s"] / fair["small_jobs_worst_s"], 2)
     if fair:
         ratios["fair_max_idle_vs_ack_wait"] = round(fair["max_reserved_idle_s"] / scenario.queue.ack_wait_s, 3)
+    if scenario.antenna is not None:
+        # Antenna-bound: what counts is saved, not posted (a posted answer may wait minutes in the save queue)
+        for name, summ in (("fair", fair), ("plain", plain)):
+            if summ and drain and drain.get("saved_makespan_s"):
+                ratios[f"{name}_vs_drain_saved_makespan"] = round(summ["saved_makespan_s"] / drain["saved_makespan_s"], 3)
+            if summ and drain and summ.get("small_jobs_saved_worst_s") and drain.get("small_jobs_saved_worst_s"):
+                ratios[f"drain_vs_{name}_small_job_saved"] = round(
+                    drain["small_jobs_saved_worst_s"] / summ["small_jobs_saved_worst_s"], 2)
+            if summ and drain and drain.get("api_requests_per_image"):
+                ratios[f"{name}_vs_drain_requests_per_image"] = round(
+                    summ["api_requests_per_image"] / drain["api_requests_per_image"], 3)
     return {
         "scenario": scenario.name,
         "machine": f"{platform.node()} {platform.machine()} {os.cpu_count()} cores, Python {platform.python_version()}",
