@@ -76,6 +76,7 @@ class SavePacer:
         self._first_reading: float | None = None
         self._saving_since: float | None = None  # the reading before the first save seen
         self.unseen: Callable[[int], float] = lambda job_id: 0.0  # deliveries not read yet (REST; FleetShare)
+        self.fleet_holding: Callable[[], float] = lambda: 0.0  # in flight but held unanswered by the workers
         self.max_latency_s: float | None = None  # REST: at most this long from reservation to saved
         self.readings_expected = False  # readings will come (REST: from the job list), pace before the first
         self._first_take: float | None = None
@@ -274,9 +275,11 @@ class SavePacer:
         return room
 
     def backlog(self) -> float:
-        """Estimated answers queued for a save beyond what the GPUs hold (for logs and the record)."""
+        """Estimated answers queued for a save: in flight beyond what the GPUs hold, which is the larger of the
+        pipeline's latency at the save rate and what the workers hold unanswered (tasks waiting in a worker's
+        pool are not in Antenna's queue: counting them read a GPU-bound fleet as Antenna-bound)."""
         rate = self.save_rate() or 0.0
-        return max(0.0, self.in_flight() - rate * self.hold_s)
+        return max(0.0, self.in_flight() - max(rate * self.hold_s, self.fleet_holding()))
 
     def describe(self, share: float) -> str:
         """One line for the worker's log: what the pacer sees and decides."""

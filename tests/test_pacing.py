@@ -152,3 +152,19 @@ def test_saves_that_stop_make_the_fleet_stalled_after_ack_wait_so_redeliveries_a
         pacer.saved(1, 100, delivered=120)
     assert pacer.save_rate() == 0.0
     assert pacer.stalled(after_s=15.0) and not pacer.stalled(after_s=25.0)
+
+
+def test_tasks_waiting_in_the_workers_are_not_read_as_antenna_s_save_backlog():
+    """A GPU-bound fleet holds many reserved tasks waiting for its GPUs; they are in flight but not in
+    Antenna's save queue, so they must not make the fleet look Antenna-bound (paced chunks of one job)."""
+    clock = Clock()
+    pacer = SavePacer(clock=clock, backlog_s=5.0)
+    pacer.held_for(0.3)
+    for i in range(11):  # saves keep up at 70/s; 160 handed out and not saved (what the GPUs hold)
+        pacer.saved(1, 70 * i, delivered=70 * i + 160)
+        clock.t += 1.0
+    clock.t -= 1.0
+    assert pacer.save_delay_s() > 1.0  # the pipeline's latency alone explains 21 of the 160
+    pacer.fleet_holding = lambda: 150.0  # the workers say they hold 150 unanswered
+    assert pacer.backlog() == 10 and pacer.save_delay_s() < 0.2
+    assert not pacer.bound()

@@ -35,6 +35,8 @@ from antenna_flows.scheduler import FairScheduler, reservation_cap
 from antenna_flows.transport import Transport
 from antenna_flows.worker.base import OUTAGES, TICK_S, FatalWorkerError, Pulse, wait_for
 from antenna_flows.worker.held import WAITING, State, TaskStore
+
+UNANSWERED = (State.RESERVED, State.LOADING, State.READY, State.RUNNING, State.POSTING)
 from antenna_flows.worker.intake import Intake
 from antenna_flows.worker.rotation import Rotation
 
@@ -101,6 +103,8 @@ class Reserver:
         self.on_fatal = on_fatal
         self.pacer = pacer  # None: reserve as fast as the GPU runs
         self.share = share or FleetShare(rotation.clock)
+        if pacer is not None:
+            pacer.fleet_holding = self.fleet_holding
         self.paced = False  # the last round was bound by Antenna's saves (for logs and the record)
         self._said_at = -math.inf
 
@@ -149,6 +153,12 @@ class Reserver:
             # to redeliver it (redeliveries come first); a small probe, never more than one chunk held
             room = max(room, float(p.min_chunk - self.store.held_count()))
         return room
+
+    def fleet_holding(self) -> float:
+        """What the fleet's workers hold unanswered (reserved, loading, ready, running, posting), estimated as
+        this worker's over its share: in flight but not queued for a save, whatever the hold time says."""
+        mine = sum(self.store.counts(*UNANSWERED).values())
+        return mine / max(self.fleet_share(), 1e-3)
 
     def fleet_share(self) -> float:
         """This worker's part of the fleet's room: exact from the roll call over NATS; over REST its
