@@ -42,6 +42,7 @@ MIN_ANSWER_SHARE = 1 / 16
 BOUND_HOLD_S = 10.0  # once Antenna-bound, the fleet acts so for at least this long (no flapping)
 NO_READINGS_GIVE_UP_S = 30.0  # readings expected but none came since the first task: Antenna does not tell saves
 RATE_WINDOW_S = 10.0  # how far back the save rate looks...
+RATE_SETTLE_S = 3.0  # a save rate measured over less than this does not call the fleet Antenna-bound
 RATE_READINGS = 4  # ...or over the last this many readings of the counters, whichever is longer
 HOLD_SAMPLES = 64  # recent hold times kept...
 HOLD_QUANTILE = 0.25  # ...of which this quantile is the pipeline's latency
@@ -190,6 +191,12 @@ class SavePacer:
             return None
         return sum(n for _, n in self._saves) / span
 
+    def _rate_settled(self) -> bool:
+        """The save rate spans at least ``RATE_SETTLE_S`` of saving."""
+        if not self._readings or self._saving_since is None:
+            return False
+        return self._readings[-1] - self._saving_since >= RATE_SETTLE_S
+
     def _ever_saved_before(self, t: float) -> bool:
         # a save this pacer saw happen (a job that was half done when this worker started is no
         # evidence of Antenna's pace, and reading it as "saves stopped" would stall a restarted worker)
@@ -229,22 +236,32 @@ class SavePacer:
         rate = self.save_rate()
         if rate is None:
             return math.inf
-        backlog = max(self.min_backlog, rate * self.backlog_s)
-        if self.clock() < self._cut_until:
-            backlog *= LAG_CUT
-        window = backlog + rate * self.hold_s
+        window = self._queue_allowed(rate) + self._holding(rate)
         if self.max_latency_s is not None:  # REST: from reservation to saved well inside ack_wait
             window = min(window, max(self.min_backlog, rate * self.max_latency_s))
         return window
 
+    def _queue_allowed(self, rate: float) -> float:
+        """Answers the fleet may keep queued for Antenna's save: ``backlog_s`` of saves, at least ``min_backlog``."""
+        allowed = max(self.min_backlog, rate * self.backlog_s)
+        if self.clock() < self._cut_until:
+            allowed *= LAG_CUT
+        return allowed
+
+    def _holding(self, rate: float) -> float:
+        """What the GPUs hold (in flight, not queued for a save): the pipeline's latency at the save rate, or
+        what the workers say they hold unanswered, whichever is more."""
+        return max(rate * self.hold_s, self.fleet_holding())
+
     def bound(self) -> bool:
-        """Antenna's saves, not the GPUs, set the pace: the fleet has had at least half its window in
-        flight, or answers wait a second or more for their save, within the last ``BOUND_HOLD_S``
-        (GPU-bound, saves keep up and in flight is what the GPUs hold, a small part of the window)."""
-        if self.save_rate() is None:
-            return False
+        """Antenna's saves, not the GPUs, set the pace: answers queued for a save reached half of what the
+        fleet may queue (half of ``backlog_s`` of saves), within the last ``BOUND_HOLD_S`` (GPU-bound, saves
+        keep up: in flight is what the GPUs hold, and nothing queues but estimation noise)."""
+        rate = self.save_rate()
+        if rate is None or not self._rate_settled():
+            return False  # a rate from the first second of saves is noise: it must not pace a GPU-bound fleet
         now = self.clock()
-        if self.in_flight() >= 0.5 * self.window() or self.save_delay_s() >= 1.0:
+        if self.backlog() >= 0.5 * self._queue_allowed(rate):
             self._bound_at = now
         return now - self._bound_at < BOUND_HOLD_S
 
@@ -279,7 +296,7 @@ class SavePacer:
         pipeline's latency at the save rate and what the workers hold unanswered (tasks waiting in a worker's
         pool are not in Antenna's queue: counting them read a GPU-bound fleet as Antenna-bound)."""
         rate = self.save_rate() or 0.0
-        return max(0.0, self.in_flight() - max(rate * self.hold_s, self.fleet_holding()))
+        return max(0.0, self.in_flight() - self._holding(rate))
 
     def describe(self, share: float) -> str:
         """One line for the worker's log: what the pacer sees and decides."""

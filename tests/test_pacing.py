@@ -168,3 +168,6 @@ def test_tasks_waiting_in_the_workers_are_not_read_as_antenna_s_save_backlog():
     pacer.fleet_holding = lambda: 150.0  # the workers say they hold 150 unanswered
     assert pacer.backlog() == 10 and pacer.save_delay_s() < 0.2
     assert not pacer.bound()
+    # and they widen the window by what they are: the room left is the queue allowed, not less
+    assert pacer.window() >= 150 + 5.0 * pacer.save_rate()
+    assert pacer.allowance(1.0) >= 5.0 * pacer.save_rate() - 10 - 1
