@@ -17,6 +17,7 @@ without it those commands say how to install it. Nothing here imports the lab.
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import os
 import sys
@@ -327,15 +328,10 @@ def add_missing_lab_commands(subparsers: Any) -> None:
         if name in subparsers.choices:
             continue
         parser = subparsers.add_parser(name, help=f"(lab, not installed) {what}", add_help=False)
-
-        def missing(args: argparse.Namespace, name: str = name) -> int:
-            return _lab_missing(name)
-
-        missing.lab_missing = True  # type: ignore[attr-defined]
-        parser.set_defaults(func=missing)
+        parser.set_defaults(func=functools.partial(_lab_missing, name), lab_missing=True)
 
 
-def _lab_missing(name: str) -> int:
+def _lab_missing(name: str, args: argparse.Namespace | None = None) -> int:
     print(f"error: `antenna-flows {name}` is a lab command and the lab is not installed: {LAB_INSTALL}",
           file=sys.stderr)
     return 2
@@ -373,7 +369,7 @@ def run_command(parser: argparse.ArgumentParser, argv: Sequence[str] | None = No
     """Parse, set up logging, run the subcommand; errors a user can act on become one line and exit 1."""
     argv = list(sys.argv[1:] if argv is None else argv)
     args, extra = parser.parse_known_args(argv)
-    if getattr(args, "func", None) is not None and getattr(args.func, "lab_missing", False):
+    if getattr(args, "lab_missing", False):
         return args.func(args)  # a lab command on a product-only install: whatever its options, say how to get it
     if extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")

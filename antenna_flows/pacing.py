@@ -78,6 +78,7 @@ class SavePacer:
         self._saving_since: float | None = None  # the reading before the first save seen
         self.unseen: Callable[[int], float] = lambda job_id: 0.0  # deliveries not read yet (REST; FleetShare)
         self.fleet_holding: Callable[[], float] = lambda: 0.0  # in flight but held unanswered by the workers
+        self.gpu_holding: Callable[[], float] = lambda: math.inf  # what the fleet's GPUs need to hold, at most
         self.max_latency_s: float | None = None  # REST: at most this long from reservation to saved
         self.readings_expected = False  # readings will come (REST: from the job list), pace before the first
         self._first_take: float | None = None
@@ -236,7 +237,7 @@ class SavePacer:
         rate = self.save_rate()
         if rate is None:
             return math.inf
-        window = self._queue_allowed(rate) + self._holding(rate)
+        window = self._queue_allowed(rate) + self._holding(rate, needed=True)
         if self.max_latency_s is not None:  # REST: from reservation to saved well inside ack_wait
             window = min(window, max(self.min_backlog, rate * self.max_latency_s))
         return window
@@ -248,10 +249,14 @@ class SavePacer:
             allowed *= LAG_CUT
         return allowed
 
-    def _holding(self, rate: float) -> float:
+    def _holding(self, rate: float, *, needed: bool = False) -> float:
         """What the GPUs hold (in flight, not queued for a save): the pipeline's latency at the save rate, or
-        what the workers say they hold unanswered, whichever is more."""
-        return max(rate * self.hold_s, self.fleet_holding())
+        what the workers say they hold unanswered, whichever is more. ``needed``: what the window grants for
+        it, at most what the GPUs need (prefetched, running, posting), so holding more buys no more room."""
+        held = self.fleet_holding()
+        if needed:
+            held = min(held, self.gpu_holding())
+        return max(rate * self.hold_s, held)
 
     def bound(self) -> bool:
         """Antenna's saves, not the GPUs, set the pace: answers queued for a save reached half of what the

@@ -105,6 +105,7 @@ class Reserver:
         self.share = share or FleetShare(rotation.clock)
         if pacer is not None:
             pacer.fleet_holding = self.fleet_holding
+            pacer.gpu_holding = lambda: self.pipeline_holding() / max(self.fleet_share(), 1e-3)
         self.paced = False  # the last round was bound by Antenna's saves (for logs and the record)
         self._said_at = -math.inf
 
@@ -140,19 +141,22 @@ class Reserver:
         if self.pacer is None:
             return math.inf
         p = self.policy
-        # what the worker's pipeline holds: the batches prefetched and running, and over NATS the one being
-        # posted (its +WPI keeps it alive); over REST nothing extends a reservation, and a fleet's cold start
-        # lands in Antenna's save queue whole, ahead of any job that comes next
-        holding = (p.prefetch_batches + p.slots + (0 if p.costly_requests else 1)) * p.max_batch_size
         # what is taken before Antenna's pace is known lands in its save queue at once: at most what
         # the GPU holds (over REST it must also be saved within ack_wait: nothing keeps it alive)
-        self.pacer.cold_limit = max(holding, p.min_chunk)
+        self.pacer.cold_limit = max(self.pipeline_holding(), p.min_chunk)
         room = self.pacer.allowance(self.fleet_share(), floor=p.min_chunk)
         if self.pacer.stalled(self.rotation.ack_wait_s() + STALL_GRACE_S):
             # no save for longer than ack_wait: what is in flight may be nobody's, waiting for a fetch
             # to redeliver it (redeliveries come first); a small probe, never more than one chunk held
             room = max(room, float(p.min_chunk - self.store.held_count()))
         return room
+
+    def pipeline_holding(self) -> int:
+        """What this worker's pipeline holds: the batches prefetched and running, and over NATS the one being
+        posted (its +WPI keeps it alive); over REST nothing extends a reservation, and a fleet's cold start
+        lands in Antenna's save queue whole, ahead of any job that comes next."""
+        p = self.policy
+        return (p.prefetch_batches + p.slots + (0 if p.costly_requests else 1)) * p.max_batch_size
 
     def fleet_holding(self) -> float:
         """What the fleet's workers hold unanswered (reserved, loading, ready, running, posting), estimated as
