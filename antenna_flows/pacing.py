@@ -181,7 +181,7 @@ class SavePacer:
         start = min(last - self.rate_window_s, self._readings[0])
         while self._saves and self._saves[0][0] <= start:
             self._saves.popleft()
-        if not self._saves and self._ever_saved_before(start):
+        if not self._saves and self._ever_saved():
             return 0.0  # Antenna saved before, and nothing since: its saves stopped (an outage)
         if not self._saves:
             return None  # nothing saved yet: no evidence of Antenna's pace either way
@@ -198,7 +198,7 @@ class SavePacer:
             return False
         return self._readings[-1] - self._saving_since >= RATE_SETTLE_S
 
-    def _ever_saved_before(self, t: float) -> bool:
+    def _ever_saved(self) -> bool:
         # a save this pacer saw happen (a job that was half done when this worker started is no
         # evidence of Antenna's pace, and reading it as "saves stopped" would stall a restarted worker)
         return self._saved_total > 0

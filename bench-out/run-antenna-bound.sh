@@ -3,9 +3,8 @@
 # Usage: bash bench-out/run-antenna-bound.sh   (repository root, after `make setup`; ~25 min on 2 cores)
 set -u
 cd "$(dirname "$0")/.."
-AF=.venv/bin/antenna-flows
-O=bench-out
-run() { echo "== $*"; "$@" > "$O/last.log" 2>&1 || echo "   failed: rc=$? (see $O/last.log)"; tail -6 "$O/last.log" | sed 's/^/   /'; }
+TAIL_LINES=6
+source bench-out/run-lib.sh
 run $AF compare --scenario seed-6-jobs       --fair-runs 2 --drain-runs 2 --json $O/compare-seed-head.json
 run $AF compare --scenario antenna-mix-rest  --fair-runs 1 --drain-runs 2 --json $O/compare-antenna-mix-rest.json
 run $AF compare --scenario antenna-mix-nats  --fair-runs 1 --drain-runs 1 --json $O/compare-antenna-mix-nats.json

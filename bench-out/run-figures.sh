@@ -3,9 +3,8 @@
 # Usage: bash bench-out/run-figures.sh   (from the repository root, after `make setup`)
 set -u
 cd "$(dirname "$0")/.."
-AF=.venv/bin/antenna-flows
-O=bench-out
-run() { echo "== $*"; "$@" > "$O/last.log" 2>&1 || echo "   failed: rc=$? (see $O/last.log)"; tail -4 "$O/last.log" | sed 's/^/   /'; }
+TAIL_LINES=4
+source bench-out/run-lib.sh
 run $AF compare --scenario seed-6-jobs    --fair-runs 3 --drain-runs 3 --json $O/compare-seed.json
 run $AF compare --scenario late-small-job --fair-runs 2 --drain-runs 3 --small 8 --json $O/compare-late.json
 run $AF compare --scenario mix-24-jobs    --fair-runs 1 --drain-runs 1 --json $O/compare-mix.json

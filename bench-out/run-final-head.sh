@@ -2,9 +2,8 @@
 # The figures re-measured after the last pacing change (GPU-bound seed and mix, Antenna-bound mixes), ~18 min.
 set -u
 cd "$(dirname "$0")/.."
-AF=.venv/bin/antenna-flows
-O=bench-out
-run() { echo "== $*"; "$@" > "$O/last.log" 2>&1 || echo "   failed: rc=$? (see $O/last.log)"; tail -12 "$O/last.log" | sed 's/^/   /'; }
+TAIL_LINES=12
+source bench-out/run-lib.sh
 run $AF compare --scenario seed-6-jobs      --fair-runs 2 --drain-runs 2 --json $O/compare-seed-head.json
 run $AF compare --scenario mix-24-jobs      --fair-runs 1 --drain-runs 1 --json $O/compare-mix-head.json
 run $AF compare --scenario antenna-mix-rest --fair-runs 1 --drain-runs 1 --json $O/compare-antenna-mix-rest.json

@@ -36,6 +36,16 @@ def serve_http(handler: type[BaseHTTPRequestHandler]) -> Iterator[str]:
         httpd.server_close()
 
 
+class Clock:
+    """A fake monotonic clock for pure logic: starts at 1000 s, moves only when a test sets ``t``."""
+
+    def __init__(self) -> None:
+        self.t = 1000.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
 class Spy:
     """Wraps a one-argument function and counts its calls."""
 

@@ -4,13 +4,7 @@ from __future__ import annotations
 
 from antenna_flows.fleet_share import FleetShare
 
-
-class Clock:
-    def __init__(self) -> None:
-        self.t = 1000.0
-
-    def __call__(self) -> float:
-        return self.t
+from tests.helpers import Clock
 
 
 def test_fleet_share_reads_the_workers_share_from_consumer_sequences():

@@ -6,13 +6,7 @@ import math
 
 from antenna_flows.pacing import SavePacer
 
-
-class Clock:
-    def __init__(self) -> None:
-        self.t = 1000.0
-
-    def __call__(self) -> float:
-        return self.t
+from tests.helpers import Clock
 
 
 def test_no_window_until_saves_are_seen_then_the_window_follows_the_save_rate():

@@ -59,6 +59,7 @@ class State(enum.Enum):
 
 SETTLED = frozenset({State.ANSWERED, State.RELEASED, State.DROPPED, State.TERMINATED, State.SAVED})
 WAITING = (State.RESERVED, State.LOADING, State.READY)  # reserved, not started: released on stop
+UNANSWERED = WAITING + (State.RUNNING, State.POSTING)  # held, no answer accepted yet: what a GPU holds
 HELD = (State.RESERVED, State.LOADING, State.READY, State.RUNNING, State.POSTING,
         State.AWAITING_SAVE)  # kept alive with +WPI
 

@@ -34,9 +34,7 @@ from antenna_flows.pacing import SavePacer
 from antenna_flows.scheduler import FairScheduler, reservation_cap
 from antenna_flows.transport import Transport
 from antenna_flows.worker.base import OUTAGES, TICK_S, FatalWorkerError, Pulse, wait_for
-from antenna_flows.worker.held import WAITING, State, TaskStore
-
-UNANSWERED = (State.RESERVED, State.LOADING, State.READY, State.RUNNING, State.POSTING)
+from antenna_flows.worker.held import UNANSWERED, WAITING, State, TaskStore
 from antenna_flows.worker.intake import Intake
 from antenna_flows.worker.rotation import Rotation
 
@@ -106,6 +104,9 @@ class Reserver:
         if pacer is not None:
             pacer.fleet_holding = self.fleet_holding
             pacer.gpu_holding = lambda: self.pipeline_holding() / max(self.fleet_share(), 1e-3)
+            # what is taken before Antenna's pace is known lands in its save queue at once: at most what
+            # the GPU holds (over REST it must also be saved within ack_wait: nothing keeps it alive)
+            pacer.cold_limit = max(self.pipeline_holding(), policy.min_chunk)
         self.paced = False  # the last round was bound by Antenna's saves (for logs and the record)
         self._said_at = -math.inf
 
@@ -141,9 +142,6 @@ class Reserver:
         if self.pacer is None:
             return math.inf
         p = self.policy
-        # what is taken before Antenna's pace is known lands in its save queue at once: at most what
-        # the GPU holds (over REST it must also be saved within ack_wait: nothing keeps it alive)
-        self.pacer.cold_limit = max(self.pipeline_holding(), p.min_chunk)
         room = self.pacer.allowance(self.fleet_share(), floor=p.min_chunk)
         if self.pacer.stalled(self.rotation.ack_wait_s() + STALL_GRACE_S):
             # no save for longer than ack_wait: what is in flight may be nobody's, waiting for a fetch
