@@ -286,8 +286,10 @@ class SavePacer:
             # faster than Antenna's saves does not flood its queue before the first rate, and one
             # whose answers are saved at once is not held back.
             mine = self._taken - share * self._saved_total
-            if self._readings and self.in_flight() < 1:
-                mine = 0.0  # nothing in flight fleet-wide: what it took was saved before its first reading
+            if self._readings:
+                # at most what the fleet has in flight: what it took may have been saved before its first
+                # reading (saves no reading counted), and a GPU that waited for the next reading idles
+                mine = min(mine, self.in_flight())
             return max(0.0, self.cold_limit - mine)
         window = self.window()
         flight = self.in_flight()

@@ -133,6 +133,28 @@ def test_a_worker_that_starts_after_the_saves_reads_what_is_in_flight_not_what_i
     assert restarted.stalled(after_s=20.0)  # nothing moved for longer than ack_wait: the worker may probe
 
 
+def test_a_worker_whose_first_takes_were_saved_unseen_keeps_its_gpu_fed_between_readings():
+    """What a worker took before its first reading was saved unseen (no reading counted those saves): it
+    counts as unsaved only as far as the fleet has anything in flight, so after the reading it takes its
+    GPU's holding again, batch by batch, without waiting for the next reading each time."""
+    clock = Clock()
+    pacer = SavePacer(clock=clock)
+    pacer.readings_expected = True
+    pacer.cold_limit = 24
+    pacer.took(24)
+    pacer.delivered(1, 48)  # two workers took 24 each
+    assert pacer.allowance(0.5) == 0  # no reading yet: what it took counts whole
+    clock.t += 0.5
+    pacer.saved(1, 48, delivered=48)  # the first reading: all 48 saved already
+    assert pacer.allowance(0.5) == 24
+    pacer.took(8)
+    pacer.delivered(1, 56)
+    assert pacer.allowance(0.5) == 16  # one batch in flight: two more before the next reading
+    pacer.took(16)
+    pacer.delivered(1, 72)
+    assert pacer.allowance(0.5) == 0  # its GPU's holding, unsaved: wait for Antenna
+
+
 def test_saves_that_stop_make_the_fleet_stalled_after_ack_wait_so_redeliveries_are_fetched():
     clock = Clock()
     pacer = SavePacer(clock=clock)

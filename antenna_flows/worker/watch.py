@@ -65,7 +65,7 @@ class SaveWatch:
                 said_at = self.rotation.clock()
                 await self.transport.announce(self.name, sorted(self.served))
             await self.look()
-            cold = self.pacer.cold() and len(self.rotation)  # no save rate yet: read often until there is
+            cold = self.pacer.cold()  # no save rate yet: read often until there is (a job joining is read at once)
             await wait_for(self.pulse.stopping, min(self.interval_s, COLD_INTERVAL_S) if cold else self.interval_s)
 
     async def look(self) -> None:

@@ -13,12 +13,12 @@ from antenna_lab.bench.bench import BenchOptions, Scenario, run_bench
 pytestmark = pytest.mark.slow
 
 
-def scenario(name: str, faults: list[dict[str, Any]]) -> Scenario:
+def scenario(name: str, faults: list[dict[str, Any]], seconds_per_image: float = 0.01) -> Scenario:
     return Scenario.model_validate({
         "name": name,
         "workers": 2,
         "queue": {"ack_wait_s": 2.0, "max_deliver": 5, "max_ack_pending": 1000},
-        "model": {"kind": "sim", "seconds_per_image": 0.01, "seconds_per_batch": 0.01},
+        "model": {"kind": "sim", "seconds_per_image": seconds_per_image, "seconds_per_batch": 0.01},
         "images": {"width": 160, "height": 120},
         "drain": {"batch_size": 8, "loaders": 2, "prefetch": 2},
         "jobs": [
@@ -48,7 +48,11 @@ def assert_exactly_one_answer_each(report: dict[str, Any], duplicates_allowed: b
 
 
 def test_worker_sigkilled_mid_batch_then_restarted_loses_nothing(tmp_path: Any) -> None:
-    sc = scenario("kill-restart", [{"at_s": 1.0, "action": "kill_worker", "worker": 1, "restart_after_s": 1.0}])
+    # Batches of a quarter second, killed two seconds in: past the cold start (each worker holds at most
+    # what its GPU holds until a save rate is known, and may wait for a reading with nothing held), so the
+    # killed worker holds a running batch and a prefetched one, whatever the machine's speed.
+    sc = scenario("kill-restart", [{"at_s": 2.0, "action": "kill_worker", "worker": 1, "restart_after_s": 1.0}],
+                  seconds_per_image=0.03)
     report = run_bench(sc, BenchOptions(strategy="fair", orchestration="plain", out_dir=tmp_path))
     assert [f["action"] for f in report["faults"]] == ["kill_worker", "restart_worker"]
     assert_exactly_one_answer_each(report)
