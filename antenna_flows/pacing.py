@@ -317,6 +317,16 @@ class SavePacer:
                 f"share {share:.2f} (fleet of ~{1 / share:.1f}), room for {self.allowance(share):.0f}"
                 + (", eased off after a late save" if self.clock() < self._cut_until else ""))
 
+    def post_wait_s(self) -> float:
+        """How long an answer posted now waits for its save, for the poster's batching: the estimate, and
+        while Antenna-bound at least the queue the fleet keeps on purpose (``backlog_s`` of saves): the
+        estimate counts what the workers hold as not queued, so it reads short while posts crowd
+        Antenna's web workers that its saves need."""
+        delay = self.save_delay_s()
+        if self.bound():
+            delay = max(delay, self.backlog_s * (LAG_CUT if self.clock() < self._cut_until else 1.0))
+        return delay
+
     def save_delay_s(self) -> float:
         """How long an answer posted now would wait for its save (backlog over save rate); 0 when Antenna
         saves nothing at all (its saves fail: answers are lost, not late)."""

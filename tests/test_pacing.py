@@ -187,3 +187,24 @@ def test_tasks_waiting_in_the_workers_are_not_read_as_antenna_s_save_backlog():
     # and they widen the window by what they are: the room left is the queue allowed, not less
     assert pacer.window() >= 150 + 5.0 * pacer.save_rate()
     assert pacer.allowance(1.0) >= 5.0 * pacer.save_rate() - 10 - 1
+
+
+def test_while_antenna_bound_answers_wait_for_posts_as_long_as_they_would_wait_in_its_queue():
+    """The poster batches answers for half of what they would wait in Antenna's save queue anyway. While
+    Antenna-bound that queue is the one the fleet keeps on purpose (``backlog_s``), whatever the estimate
+    says once what the workers hold is taken out; GPU-bound it is the estimate."""
+    clock = Clock()
+    pacer = SavePacer(clock=clock, backlog_s=5.0)
+    pacer.fleet_holding = lambda: 27.0
+    for i in range(11):  # Antenna saves 5/s; 40 in flight, 27 of them held by the workers
+        pacer.saved(1, 5 * i, delivered=5 * i + 40)
+        clock.t += 1.0
+    clock.t -= 1.0
+    assert pacer.backlog() == 13 and pacer.bound()  # 13 queued: over half the 25 the fleet may queue
+    assert 2.5 < pacer.save_delay_s() < 2.7
+    assert pacer.post_wait_s() == 5.0
+    pacer.fleet_holding = lambda: 39.0  # the workers hold nearly everything: saves keep up
+    clock.t += 11.0  # past BOUND_HOLD_S since it was last bound
+    pacer.saved(1, 105, delivered=145)
+    assert not pacer.bound()
+    assert pacer.post_wait_s() == pacer.save_delay_s() < 1.0

@@ -98,7 +98,9 @@ class Parts:
         self.poster = Poster(w.name, client, w.orch, self.settler, w.store, w.ledger,
                              PostPolicy(s.antenna_api_batch_size, s.post_max_delay_s,
                                         max(32, 4 * s.max_batch_size)), w.pulse, clock=w.clock,
-                             save_delay_s=pacer.save_delay_s if pacer is not None else (lambda: 0.0))
+                             save_delay_s=pacer.post_wait_s if pacer is not None else (lambda: 0.0),
+                             may_wait=(lambda job_id: pacer.bound() and not pacer.only_redeliveries(job_id))
+                             if pacer is not None else (lambda job_id: False))
         self.inference = Inference(
             w.name, w.model, w.store, w.rotation, w.scheduler, w.ledger, w.metrics,
             InferencePolicy(s.slots, s.max_batch_size, s.batch_fill_wait_s, s.session_idle_s, s.session_max_s),

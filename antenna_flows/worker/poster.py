@@ -8,7 +8,9 @@ outbox and go in one post when any of these holds:
 - its oldest answer has waited ``max_delay_s`` (1 s; longer, up to half the wait
   Antenna's save queue would add anyway, while that queue is long);
 - this worker holds nothing else of the job that could join them (a small job's
-  last answers, the end of a reserved chunk: they go at once);
+  last answers, the end of a reserved chunk: they go at once), unless Antenna's
+  saves set the pace and the job has more to hand out (``may_wait``): then the
+  answers would wait in Antenna's queue anyway, and the job's next chunk joins them;
 - the worker is stopping.
 
 Each post is one unit of work (recorded by the orchestrator: under Prefect,
@@ -58,7 +60,8 @@ def payload(held: HeldTask) -> list[TaskResult]:
 class Poster:
     def __init__(self, name: str, client: AntennaClient, orchestrator: Orchestrator, settler: Settler,
                  store: TaskStore, ledger: Ledger, policy: PostPolicy, pulse: Pulse, *,
-                 clock: Callable[[], float], save_delay_s: Callable[[], float] = lambda: 0.0):
+                 clock: Callable[[], float], save_delay_s: Callable[[], float] = lambda: 0.0,
+                 may_wait: Callable[[int], bool] = lambda job_id: False):
         self.name = name
         self.client = client
         self.orch = orchestrator
@@ -69,6 +72,7 @@ class Poster:
         self.pulse = pulse
         self.clock = clock
         self.save_delay_s = save_delay_s  # how long Antenna's save queue makes an answer wait (the pacer's)
+        self.may_wait = may_wait  # a job's answers may wait for its next chunk (Antenna-bound, more to come)
         self.outbox: dict[int, list[HeldTask]] = {}  # by job, oldest first
         self._changed = asyncio.Event()  # an answer arrived, a post ended
         self._room = asyncio.Event()  # a post ended: answers left for good
@@ -147,7 +151,8 @@ class Poster:
         for job_id, tasks in self.outbox.items():
             if not tasks:
                 continue
-            if (self._closing or len(tasks) >= self.policy.post_batch or not holding.get(job_id)
+            if (self._closing or len(tasks) >= self.policy.post_batch
+                    or (not holding.get(job_id) and not self.may_wait(job_id))
                     or now - (tasks[0].posted_at or now) >= max_delay):
                 due.append(job_id)
         return sorted(due, key=lambda j: self.outbox[j][0].posted_at or 0.0)
