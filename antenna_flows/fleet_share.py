@@ -16,7 +16,7 @@ from typing import Callable, Iterable
 SHARE_WINDOW_S = 300.0  # how far back the fleet share looks (long: a worker waiting for room must not
 # read its own waiting as a smaller share, which would make it wait longer still)
 PEER_TTL_S = 10.0  # a worker not heard from for this long has gone (roll calls every ROLL_CALL_S)
-ROLL_CALL_S = 2.0
+ROLL_CALL_S = 1.0  # a core NATS publish: costs Antenna nothing
 TAIL_CAP_S = 30.0  # longest unseen stretch of a job's deliveries extrapolated (REST)
 
 
@@ -49,6 +49,7 @@ class FleetShare:
         self._rate: dict[int, tuple[float, float]] = {}  # job -> (fleet deliveries/s, seconds) of its last interval
         self._draining: set[int] = set()  # jobs whose queue had nothing left to hand out at the last reading
         self._peers: dict[str, float] = {}  # worker -> when it last said it serves our pipelines (NATS)
+        self._holding: dict[str, int] = {}  # worker -> what it last said it holds unanswered (NATS)
         self._paced = False
         self._read_by_consumer: set[int] = set()  # jobs whose consumer counter is read (exact)
         self._own: deque[tuple[float, int]] = deque()  # (t, deliveries to this worker)
@@ -64,16 +65,30 @@ class FleetShare:
         if last is None or seq >= last[1]:
             self._last[job_id] = (now, seq)
 
-    def peer(self, worker: str) -> None:
-        """A worker serving this worker's pipelines said it is there (itself included)."""
+    def peer(self, worker: str, holding: int | None = None) -> None:
+        """A worker serving this worker's pipelines said it is there (itself included), and what it holds."""
         self._peers[worker] = self.clock()
+        if holding is None:
+            self._holding.pop(worker, None)
+        else:
+            self._holding[worker] = holding
 
     def peers(self) -> int:
         """Workers heard from within ``PEER_TTL_S`` (0: no roll call, as over REST)."""
         cutoff = self.clock() - PEER_TTL_S
         for worker in [w for w, t in self._peers.items() if t < cutoff]:
             del self._peers[worker]
+            self._holding.pop(worker, None)
         return len(self._peers)
+
+    def others_holding(self, me: str) -> float | None:
+        """What the other workers said they hold unanswered at their last roll call; None unless every one
+        of them said it (over REST, or a peer that does not tell)."""
+        self.peers()  # forget the gone
+        others = [w for w in self._peers if w != me]
+        if any(w not in self._holding for w in others):
+            return None
+        return float(sum(self._holding[w] for w in others))
 
     def paced(self, paced: bool) -> None:
         """While paced the delivery-based estimate stands still."""

@@ -395,20 +395,27 @@ class JobQueue:
 
         return await self.nc.subscribe(STREAM_CREATED_SUBJECT, cb=handler)
 
-    async def announce(self, worker: str, pipelines: list[str]) -> None:
-        """Say on the roll-call subject that this worker is serving these pipelines (a core NATS publish)."""
-        await self.nc.publish(ROLL_CALL_SUBJECT, json.dumps({"worker": worker, "pipelines": pipelines}).encode())
+    async def announce(self, worker: str, pipelines: list[str], holding: int | None = None) -> None:
+        """Say on the roll-call subject that this worker is serving these pipelines, and how many tasks it
+        holds unanswered (a core NATS publish)."""
+        said: dict[str, Any] = {"worker": worker, "pipelines": pipelines}
+        if holding is not None:
+            said["holding"] = holding
+        await self.nc.publish(ROLL_CALL_SUBJECT, json.dumps(said).encode())
 
-    async def watch_roll_call(self, callback: Callable[[str, list[str]], None]) -> Any:
-        """Call ``callback(worker, pipelines)`` for every worker's announcement (this one's included)."""
+    async def watch_roll_call(self, callback: Callable[[str, list[str], int | None], None]) -> Any:
+        """Call ``callback(worker, pipelines, holding)`` for every worker's announcement (this one's included;
+        ``holding`` None from a worker that does not say it)."""
 
         async def handler(msg: Msg) -> None:
             try:
                 said = json.loads(msg.data)
                 worker, pipelines = str(said["worker"]), [str(p) for p in said.get("pipelines") or []]
-            except (ValueError, KeyError, TypeError):
+                holding = said.get("holding")
+                holding = int(holding) if isinstance(holding, (int, float)) and holding >= 0 else None
+            except (ValueError, KeyError, TypeError, AttributeError):
                 return  # not one of ours
-            callback(worker, pipelines)
+            callback(worker, pipelines, holding)
 
         return await self.nc.subscribe(ROLL_CALL_SUBJECT, cb=handler)
 

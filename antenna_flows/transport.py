@@ -52,11 +52,11 @@ class Transport(Protocol):
         without asking Antenna (NATS); None over REST (the job list's progress tells saves there)."""
         ...
 
-    async def announce(self, worker: str, pipelines: list[str]) -> None:
-        """Tell the fleet this worker is serving (NATS roll call); nothing over REST."""
+    async def announce(self, worker: str, pipelines: list[str], holding: int | None = None) -> None:
+        """Tell the fleet this worker is serving, and what it holds unanswered (NATS roll call); nothing over REST."""
         ...
 
-    async def watch_roll_call(self, callback: Callable[[str, list[str]], None]) -> None:
+    async def watch_roll_call(self, callback: Callable[[str, list[str], int | None], None]) -> None:
         """Hear the fleet's announcements (NATS); nothing over REST."""
         ...
 
@@ -110,10 +110,10 @@ class NatsTransport:
     async def counts(self, job_id: int) -> ConsumerStats | None:
         return await self.queue.stats(job_id)
 
-    async def announce(self, worker: str, pipelines: list[str]) -> None:
-        await self.queue.announce(worker, pipelines)
+    async def announce(self, worker: str, pipelines: list[str], holding: int | None = None) -> None:
+        await self.queue.announce(worker, pipelines, holding)
 
-    async def watch_roll_call(self, callback: Callable[[str, list[str]], None]) -> None:
+    async def watch_roll_call(self, callback: Callable[[str, list[str], int | None], None]) -> None:
         await self.queue.watch_roll_call(callback)
 
     async def watch_new_jobs(self, callback: Callable[[int], Awaitable[None] | None]) -> None:
@@ -166,10 +166,10 @@ class RestTransport:
     async def counts(self, job_id: int) -> ConsumerStats | None:
         return None
 
-    async def announce(self, worker: str, pipelines: list[str]) -> None:
+    async def announce(self, worker: str, pipelines: list[str], holding: int | None = None) -> None:
         """Workers on REST cannot hear each other."""
 
-    async def watch_roll_call(self, callback: Callable[[str, list[str]], None]) -> None:
+    async def watch_roll_call(self, callback: Callable[[str, list[str], int | None], None]) -> None:
         """Workers on REST cannot hear each other."""
 
     async def watch_new_jobs(self, callback: Callable[[int], Awaitable[None] | None]) -> None:

@@ -55,3 +55,20 @@ def test_over_rest_the_fleets_unseen_deliveries_since_a_jobs_last_reading_are_co
         clock.t += 5.0
     # now 5 s since the last look: ~20 more were taken unseen; without counting them the share reads high
     assert abs(share.share() - 0.25) < 0.03  # (the window's edge cuts an own reservation)
+
+
+def test_what_the_others_hold_comes_from_the_roll_call_and_only_when_every_peer_says_it():
+    clock = Clock()
+    share = FleetShare(clock)
+    assert share.others_holding("w0") == 0.0  # alone: nobody else holds anything
+    share.peer("w0", 5)
+    share.peer("w1", 12)
+    share.peer("w2", 3)
+    assert share.others_holding("w0") == 15.0  # its own count is its own, fresh: not the announced one
+    share.peer("w3")  # a peer that does not say what it holds: the fleet's holding is unknown
+    assert share.others_holding("w0") is None
+    clock.t += 5.0
+    share.peer("w0", 5)
+    share.peer("w1", 12)
+    clock.t += 6.0  # w2 and w3 silent for over PEER_TTL_S: gone
+    assert share.others_holding("w0") == 12.0 and share.peers() == 2

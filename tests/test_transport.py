@@ -16,7 +16,7 @@ import logging
 import pytest
 
 from antenna_flows.antenna_client import AntennaClient, Rejected
-from antenna_flows.jetstream import MAX_TASK_ID_CHARS, JobQueue, QueueConfig, Reservation, StreamGone, stream_name, subject_name
+from antenna_flows.jetstream import MAX_TASK_ID_CHARS, ROLL_CALL_SUBJECT, JobQueue, QueueConfig, Reservation, StreamGone, stream_name, subject_name
 from antenna_flows.transport import NatsTransport, RestTransport
 from tests.helpers import PIPELINE
 from tests.worker_parts import add_job, bench, tasks
@@ -183,4 +183,22 @@ async def test_new_job_streams_are_announced(nats_server):
     finally:
         if later is not None:
             await b.streams.delete_job(later)
+        await b.close()
+
+
+async def test_the_roll_call_carries_what_each_worker_holds(nats_server):
+    b = await bench(nats_server.url, 0)
+    heard: list[tuple[str, list[str], int | None]] = []
+    try:
+        await b.transport.watch_roll_call(lambda w, p, h: heard.append((w, p, h)))
+        await b.transport.announce("w1", ["p"], 17)
+        await b.transport.announce("w2", ["p"])  # a worker that does not say what it holds
+        await b.transport.queue.nc.publish(ROLL_CALL_SUBJECT, b"not json")  # noise on the subject: ignored
+        for _ in range(100):
+            if len(heard) >= 2:
+                break
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.05)
+        assert heard == [("w1", ["p"], 17), ("w2", ["p"], None)]
+    finally:
         await b.close()

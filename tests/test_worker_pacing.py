@@ -38,9 +38,9 @@ def slow_saves(save_s: float) -> AntennaCosts:
 
 async def run_fleet(stack, *, pace: bool, images: int, workers: int = 2, **overrides) -> list[FairWorker]:
     job = stack.create_job(PIPELINE, images, job_id=1710)
+    options = {"sim_seconds_per_image": 0.002, "save_backlog_s": 1.0, **overrides}
     fleet = [worker_for(settings_for(stack, worker_name=f"w{i}", pace_to_saves=pace, max_batch_size=8,
-                                     sim_seconds_per_image=0.002, sim_seconds_per_batch=0.002,
-                                     watch_interval_s=0.25, save_backlog_s=1.0, **overrides))
+                                     sim_seconds_per_batch=0.002, watch_interval_s=0.25, **options))
              for i in range(workers)]
     async with AsyncAntennaAdmin(stack.api_url, stack.token) as aadmin:
         await serve_until(fleet, all_answered(aadmin, job.id), timeout=120)
@@ -73,3 +73,18 @@ async def test_slow_but_steady_saves_leave_nothing_unsaved_past_ack_wait(stack_f
     await run_fleet(again, pace=False, images=250)
     assert again.admin.job(1710).redeliveries > 0
     await asyncio.sleep(0)
+
+
+async def test_antenna_bound_the_fleet_shares_the_work_and_posts_whole_chunks(stack_factory):
+    """Three workers, saves the bottleneck: every worker reads the same fleet (over NATS each says at the roll
+    call what it holds), so none reads a window widened by its own pool and takes the room of the others
+    (before, each counted its own pool over its share as the fleet's: 86, 121 and 153 of 360 here; on the
+    issue's mix two of four workers stood idle while the other two posted each job's answers two at a time)."""
+    stack = stack_factory(ack_wait_s=30.0, costs=slow_saves(0.025))
+    stack.reset_request_counts()
+    fleet = await run_fleet(stack, pace=True, images=360, workers=3, sim_seconds_per_image=0.05,
+                            save_backlog_s=2.0)
+    answered = [w.ledger.job(1710).images for w in fleet]
+    assert sum(answered) == 360
+    assert min(answered) >= 0.8 * 120, answered  # each near an even share (not 86 of 360, as before)
+    assert stack.request_counts()["result"] <= 360 / 12  # twelve or more answers per post on average

@@ -196,6 +196,7 @@ class Poster:
                 raise failures[0]
 
         label = "post " + ", ".join(f"job {j} x{len(v)}" for j, v in by_job.items())
+        log.debug("worker %s: %s", self.name, label)
         bug: BaseException | None = None
         try:
             await self.orch.post(post, label, counts={job_id: len(held) for job_id, held in by_job.items()})

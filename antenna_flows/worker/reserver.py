@@ -13,7 +13,9 @@ each job for what it runs.
 
 Requests to Antenna are spent with care: a job whose queue said (in its tasks'
 reply subjects) that nothing is left undelivered is probed again only after
-``drained_probe_s`` (for redeliveries), not every tick; over REST each job is asked
+``drained_probe_s`` (for redeliveries), not every tick, and over REST not before its
+``ack_wait`` (nothing there can hand a task back sooner: no nak, so a redelivery is
+a reservation that timed out); over REST each job is asked
 for at least ``min_chunk``, and no request asks for more than ``api_batch_size``.
 What happens to each reserved task is the intake's (:mod:`.intake`).
 """
@@ -157,9 +159,14 @@ class Reserver:
         return (p.prefetch_batches + p.slots + (0 if p.costly_requests else 1)) * p.max_batch_size
 
     def fleet_holding(self) -> float:
-        """What the fleet's workers hold unanswered (reserved, loading, ready, running, posting), estimated as
-        this worker's over its share: in flight but not queued for a save, whatever the hold time says."""
+        """What the fleet's workers hold unanswered (reserved, loading, ready, running, posting): in flight but
+        not queued for a save, whatever the hold time says. Over NATS this worker's own count plus what the
+        others said at the roll call, so every worker reads the same fleet; else this worker's over its share
+        (which makes a worker that holds more read a larger window: the pipeline cap in :meth:`round` bounds it)."""
         mine = sum(self.store.counts(*UNANSWERED).values())
+        others = self.share.others_holding(self.name) if self.share.peers() else None
+        if others is not None:
+            return mine + others
         return mine / max(self.fleet_share(), 1e-3)
 
     def fleet_share(self) -> float:
@@ -202,7 +209,12 @@ class Reserver:
                 # save must be answered again even while Antenna's saves are behind.
                 wants = {j: n for j, n in plan.items() if self._only_redeliveries(j)}
                 fresh = {j: n for j, n in plan.items() if j not in wants}
-                budget = max(0, cap + slack - held)  # the reservation window (ack_wait) still holds
+                # What the reservation window (ack_wait) still holds, and no more than this worker's pipeline
+                # needs: more held buys Antenna no speed, takes its peers' room, and spreads this worker's
+                # answers over more jobs (smaller posts). (Its holding widens the window it reads: unbounded,
+                # one worker would take the whole queue Antenna may hold into its own pool.)
+                unanswered = sum(self.store.counts(*UNANSWERED).values())
+                budget = max(0, min(cap + slack - held, self.pipeline_holding() - unanswered))
                 # A chunk is at least min_chunk, or half this worker's part of the window where that is
                 # less (a fleet of many workers on a slow Antenna must still move).
                 assert self.pacer is not None
@@ -266,7 +278,7 @@ class Reserver:
             got_total += len(got)
             if len(got) < n:
                 drained = self._drained(got)
-                self.scheduler.mark_dry(job_id, self.policy.drained_probe_s if drained else 0.0)
+                self.scheduler.mark_dry(job_id, self._drained_probe_s(job_id) if drained else 0.0)
         if failure is not None and (not got_total or not isinstance(failure, OUTAGES)):
             raise failure  # an outage: the orchestrator retries the round; anything else: the worker sees it
         return got_total
@@ -288,6 +300,12 @@ class Reserver:
 
     def _only_redeliveries(self, job_id: int) -> bool:
         return self.pacer is not None and self.pacer.only_redeliveries(job_id)
+
+    def _drained_probe_s(self, job_id: int) -> float:
+        """How long a job whose queue gave out its last task is left alone: over REST a redelivery is a
+        reservation that timed out, so none comes sooner than ``ack_wait`` (each probe is a request and
+        Antenna's 0.5 s fetch: a fleet probing a finished small job every few seconds doubled its requests)."""
+        return max(self.policy.drained_probe_s, self.rotation.ack_wait_s(job_id))
 
     def _drained(self, got: list[Reservation]) -> bool:
         """The job's queue said nothing is left undelivered (the last reply subject's pending count)."""
