@@ -1,7 +1,7 @@
 """This worker's share of the fleet: how much of the room Antenna's saves leave is its to take.
 
 No coordination and no shared state: over NATS the workers answer a roll call (the share is
-exact); over REST they cannot hear each other, and the share is read from the consumer
+exact, and each says what it holds unanswered, so every worker reads the same fleet); over REST they cannot hear each other, and the share is read from the consumer
 sequences in the reply subjects of this worker's own reservations (its deliveries against the
 fleet's). Pure logic (no I/O, injectable clock), unit-tested on a fake clock; the pacer
 (:mod:`antenna_flows.pacing`) multiplies its room by this share.
@@ -23,8 +23,8 @@ TAIL_CAP_S = 30.0  # longest unseen stretch of a job's deliveries extrapolated (
 class FleetShare:
     """This worker's share of the fleet: 1 / the workers serving its pipelines.
 
-    Over NATS the workers say who they are on a roll-call subject every few seconds
-    (:meth:`peer`): the share is exact. Over REST they cannot hear each other, and the share is
+    Over NATS the workers say who they are, and what they hold, on a roll-call subject every
+    ``ROLL_CALL_S`` (:meth:`peer`): the share is exact. Over REST they cannot hear each other, and the share is
     read from the deliveries, as below, and frozen while the worker is paced (:meth:`paced`): a
     worker waiting for room must not read its own waiting as a smaller share, which would make it
     wait longer still while the others take everything.
