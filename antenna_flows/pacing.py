@@ -245,9 +245,11 @@ class SavePacer:
     def _queue_allowed(self, rate: float) -> float:
         """Answers the fleet may keep queued for Antenna's save: ``backlog_s`` of saves, at least ``min_backlog``."""
         allowed = max(self.min_backlog, rate * self.backlog_s)
-        if self.clock() < self._cut_until:
-            allowed *= LAG_CUT
-        return allowed
+        return allowed * LAG_CUT if self._eased_off() else allowed
+
+    def _eased_off(self) -> bool:
+        """Within ``LAG_CUT_S`` of a late save (:meth:`lag_seen`): the queue allowed is cut to ``LAG_CUT``."""
+        return self.clock() < self._cut_until
 
     def _holding(self, rate: float, *, needed: bool = False) -> float:
         """What the GPUs hold (in flight, not queued for a save): the pipeline's latency at the save rate, or
@@ -315,7 +317,7 @@ class SavePacer:
         return (f"pacing: Antenna saves {rate:.1f}/s, fleet in flight {flight:.0f} of a window of {window:.0f} "
                 f"(queued for a save ~{self.backlog():.0f}, {self.save_delay_s():.1f}s), hold {self.hold_s:.1f}s, "
                 f"share {share:.2f} (fleet of ~{1 / share:.1f}), room for {self.allowance(share):.0f}"
-                + (", eased off after a late save" if self.clock() < self._cut_until else ""))
+                + (", eased off after a late save" if self._eased_off() else ""))
 
     def post_wait_s(self) -> float:
         """How long an answer posted now waits for its save, for the poster's batching: the estimate, and
@@ -324,7 +326,7 @@ class SavePacer:
         Antenna's web workers that its saves need."""
         delay = self.save_delay_s()
         if self.bound():
-            delay = max(delay, self.backlog_s * (LAG_CUT if self.clock() < self._cut_until else 1.0))
+            delay = max(delay, self.backlog_s * (LAG_CUT if self._eased_off() else 1.0))
         return delay
 
     def save_delay_s(self) -> float:

@@ -228,6 +228,10 @@ class TaskStore:
         """Tasks still ours (any state): what +WPI keeps alive and a stop must settle."""
         return len(self)
 
+    def unanswered_count(self) -> int:
+        """Tasks held with no answer accepted yet (UNANSWERED): what this worker's GPU pipeline holds."""
+        return sum(self.counts(*UNANSWERED).values())
+
     def jobs(self) -> list[int]:
         return list(self._jobs)
 

@@ -36,7 +36,7 @@ from antenna_flows.pacing import SavePacer
 from antenna_flows.scheduler import FairScheduler, reservation_cap
 from antenna_flows.transport import Transport
 from antenna_flows.worker.base import OUTAGES, TICK_S, FatalWorkerError, Pulse, wait_for
-from antenna_flows.worker.held import UNANSWERED, WAITING, State, TaskStore
+from antenna_flows.worker.held import WAITING, State, TaskStore
 from antenna_flows.worker.intake import Intake
 from antenna_flows.worker.rotation import Rotation
 
@@ -163,7 +163,7 @@ class Reserver:
         not queued for a save, whatever the hold time says. Over NATS this worker's own count plus what the
         others said at the roll call, so every worker reads the same fleet; else this worker's over its share
         (which makes a worker that holds more read a larger window: the pipeline cap in :meth:`round` bounds it)."""
-        mine = sum(self.store.counts(*UNANSWERED).values())
+        mine = self.store.unanswered_count()
         others = self.share.others_holding(self.name) if self.share.peers() else None
         if others is not None:
             return mine + others
@@ -213,7 +213,7 @@ class Reserver:
                 # needs: more held buys Antenna no speed, takes its peers' room, and spreads this worker's
                 # answers over more jobs (smaller posts). (Its holding widens the window it reads: unbounded,
                 # one worker would take the whole queue Antenna may hold into its own pool.)
-                unanswered = sum(self.store.counts(*UNANSWERED).values())
+                unanswered = self.store.unanswered_count()
                 budget = max(0, min(cap + slack - held, self.pipeline_holding() - unanswered))
                 # A chunk is at least min_chunk, or half this worker's part of the window where that is
                 # less (a fleet of many workers on a slow Antenna must still move).

@@ -25,7 +25,7 @@ from antenna_flows.fleet_share import ROLL_CALL_S, FleetShare
 from antenna_flows.pacing import SavePacer
 from antenna_flows.transport import Transport
 from antenna_flows.worker.base import OUTAGES, Pulse, wait_for
-from antenna_flows.worker.held import UNANSWERED, HeldTask, State, TaskStore
+from antenna_flows.worker.held import HeldTask, State, TaskStore
 from antenna_flows.worker.rotation import Rotation
 from antenna_flows.worker.settle import Settler
 
@@ -64,8 +64,7 @@ class SaveWatch:
         while not self.pulse.stopping.is_set():
             if self.share is not None and self.rotation.clock() - said_at >= ROLL_CALL_S:
                 said_at = self.rotation.clock()
-                await self.transport.announce(self.name, sorted(self.served),
-                                              sum(self.store.counts(*UNANSWERED).values()))
+                await self.transport.announce(self.name, sorted(self.served), self.store.unanswered_count())
             await self.look()
             cold = self.pacer.cold()  # no save rate yet: read often until there is (a job joining is read at once)
             await wait_for(self.pulse.stopping, min(self.interval_s, COLD_INTERVAL_S) if cold else self.interval_s)
